@@ -1,0 +1,94 @@
+"""The Python entry points: load any model, compress one to a folder, measure perplexity."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import hub
+from .atomic import check_output_dir
+from .compress import SketchConfig, compress_model
+from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
+from .errors import SketchtuneError
+from .evaluate.perplexity import perplexity
+from .sources import load_dense
+
+
+def load_any(
+    name_or_path: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sketched model folder through `hub.load`, anything else as a dense source model."""
+    if Path(name_or_path).is_dir() and hub.sketch_config_of(name_or_path) is not None:
+        model = hub.load(name_or_path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as exc:
+            raise SketchtuneError(f"{name_or_path} has no usable tokenizer: {exc}") from None
+        return model, tokenizer
+    return load_dense(name_or_path, dtype=dtype)
+
+
+def compress(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: SketchConfig | None = None,
+    texts: list[str] | None = None,
+    samples: int = 32,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Sketch `model` in place from calibration `texts` (default: the shipped calibration text)."""
+    config = config or SketchConfig()
+    windows = None
+    if config.data_aware:
+        windows = token_windows(tokenizer, texts or calibration_texts(), samples, seq_len, seed)
+    compress_model(model, windows, config, batch_size=batch_size, progress=progress)
+    return model
+
+
+def compress_to_folder(
+    source: str,
+    output: str | os.PathLike,
+    config: SketchConfig,
+    samples: int = 32,
+    seq_len: int = 512,
+    calib_path: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Load `source`, sketch it and save it to `output`. Returns a summary with timings."""
+    check_output_dir(output, force)
+    texts = read_text_file(calib_path) if calib_path else None
+    model, tokenizer = load_dense(source)
+    start = time.perf_counter()
+    compress(model, tokenizer, config, texts, samples, seq_len, seed, progress=progress)
+    seconds = time.perf_counter() - start
+    hub.save_sketched(model, tokenizer, output, force=force)
+    return {
+        "source": source,
+        "output": str(output),
+        "seconds": round(seconds, 1),
+        "sketched_layers": len(model.config.quantization_config["modules"]),
+        "bytes_on_disk": (Path(output) / hub.WEIGHTS_NAME).stat().st_size,
+    }
+
+
+def heldout_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: int = 32,
+    seq_len: int = 512,
+    text_path: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on held-out text that calibration never uses (or on a user's text file)."""
+    texts = read_text_file(text_path) if text_path else heldout_texts()
+    windows = token_windows(tokenizer, texts, samples, seq_len, seed=0)
+    return perplexity(model, windows, progress=progress)

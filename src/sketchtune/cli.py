@@ -1,0 +1,131 @@
+"""The `sketchtune` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SketchtuneError
+from .format import SUPPORTED_BITS, SUPPORTED_GPR, FormatError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=2))
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .api import compress_to_folder
+    from .compress import SketchConfig
+
+    config = SketchConfig(
+        bits=args.bits, gpr=args.gpr, damp=args.damp, kmeans=args.kmeans, data_aware=not args.plain
+    )
+    summary = compress_to_folder(
+        args.model, args.output, config, args.samples, args.seq_len, args.calib, args.seed,
+        force=args.force,
+    )
+    _print_json(summary)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .api import load_any
+    from .generate import generate_text
+
+    model, tokenizer = load_any(args.model)
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import heldout_perplexity, load_any
+    from .atomic import write_json_atomic
+
+    if args.task != "ppl":
+        raise SketchtuneError(f"unknown task {args.task!r} (available: ppl)")
+    model, tokenizer = load_any(args.model)
+    result = {"model": args.model, "task": "ppl", "text": args.text or "held-out default"}
+    result.update(heldout_perplexity(model, tokenizer, args.samples, args.seq_len, args.text))
+    if args.output:
+        write_json_atomic(args.output, result)
+    _print_json(result)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), samples=args.samples, seq_len=args.seq_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sketchtune", description="Compress LLMs into learned sketches and fine-tune them."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="sketch every linear projection of a model")
+    p.add_argument("model", help=f"hub id, local folder, or {DEFAULT_MODEL!r} (embedded)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
+    p.add_argument("--gpr", type=int, default=4, choices=SUPPORTED_GPR, help="groups per row")
+    p.add_argument("--samples", type=_positive, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=_positive, default=512, help="tokens per sequence")
+    p.add_argument("--calib", help="calibration text file (.txt, .json, .jsonl)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping (fraction of mean)")
+    p.add_argument("--kmeans", choices=("exact", "lloyd"), default="exact")
+    p.add_argument("--plain", action="store_true", help="plain per-row k-means, no calibration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("generate", help="generate text with a (sketched) model")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a (sketched) model")
+    p.add_argument("model")
+    p.add_argument("--task", default="ppl", help="ppl: perplexity on held-out text")
+    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--seq-len", type=_positive, default=512)
+    p.add_argument("--text", help="text file to measure instead of the held-out default")
+    p.add_argument("--output", help="write the results JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--seq-len", type=_positive, default=512)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SketchtuneError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

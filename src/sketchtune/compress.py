@@ -1,0 +1,265 @@
+"""Model-level compression: calibration inputs -> block-by-block capture -> learn -> swap.
+
+Blocks are found generically (the largest `nn.ModuleList` of identical modules holding
+`nn.Linear`s), and so are the sketching steps inside a block: projections that read the same
+input tensor (q, k, v; gate, up) form one step and share one Hessian. Each block is fed the
+outputs of the already-sketched blocks before it, and each step sees the inputs produced by the
+already-sketched steps before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SketchtuneError
+from .format import SketchedWeight, check_settings, check_shape
+from .layers import SketchLinear
+from .learn import learn_sketch
+
+STORAGE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class SketchConfig:
+    """How to learn sketches. `data_aware=False` gives plain per-row k-means (no calibration)."""
+
+    bits: int = 4
+    gpr: int = 4
+    damp: float = 0.01
+    importance_power: float = 4.0
+    act_order: bool = True
+    block_size: int = 128
+    kmeans: Literal["exact", "lloyd"] = "exact"
+    data_aware: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self.bits, self.gpr)
+        if self.kmeans not in ("exact", "lloyd"):
+            raise SketchtuneError(f"kmeans must be 'exact' or 'lloyd', got {self.kmeans!r}")
+        if not 0 < self.damp < 1:
+            raise SketchtuneError(f"damp must be in (0, 1), got {self.damp}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of decoder blocks: the ModuleList of identical modules with the most weights."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise SketchtuneError("model has no decoder blocks with linear projections to sketch")
+    return best[1], best[2]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once the inputs it needs have been seen."""
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _capture_first_block_inputs(
+    model: nn.Module, first_block: nn.Module, calibration: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden_states, keyword arguments) of every calibration batch as the first block sees it."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in calibration.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _linear_steps(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Names of the block's nn.Linear modules in call order, grouped by shared input tensor."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            _run_block(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps: list[list[str]] = []
+    previous_input = None
+    for name, inp in calls:
+        if steps and inp is previous_input:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+        previous_input = inp
+    return steps
+
+
+def _input_hessian(
+    block: nn.Module,
+    linear: nn.Linear,
+    inputs: list[tuple[torch.Tensor, dict]],
+) -> torch.Tensor:
+    """H = 2/n Σ x xᵀ over every calibration token reaching `linear` (fp32, (d_in, d_in))."""
+    hessian = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+    count = 0
+
+    def accumulate(_module, args):
+        nonlocal count
+        x = args[0].reshape(-1, linear.in_features).float()  # (tokens, d_in)
+        hessian.addmm_(x.T, x)
+        count += x.shape[0]
+        raise _StopForward  # nothing after this projection is needed for its Hessian
+
+    handle = linear.register_forward_pre_hook(accumulate)
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in inputs:
+                try:
+                    _run_block(block, hidden, kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return hessian * (2.0 / max(count, 1))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _sketch_step(
+    block: nn.Module, names: list[str], hessian: torch.Tensor | None, config: SketchConfig
+) -> None:
+    """Learn one sketch for the stacked rows of projections sharing an input, then swap them in."""
+    linears = [block.get_submodule(n) for n in names]
+    stacked = torch.cat([lin.weight.detach().float() for lin in linears])  # (Σ d_out, d_in)
+    codes, values = learn_sketch(
+        stacked,
+        hessian,
+        bits=config.bits,
+        gpr=config.gpr,
+        damp=config.damp,
+        importance_power=config.importance_power,
+        act_order=config.act_order,
+        block_size=config.block_size,
+        kmeans=config.kmeans,
+    )
+    values = values.to(STORAGE_DTYPE).float()  # what is saved is exactly what runs
+    rows = [lin.out_features for lin in linears]
+    for name, lin, c, v in zip(names, linears, codes.split(rows), values.split(rows), strict=True):
+        bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE).float()
+        sketched = SketchLinear.from_sketch(SketchedWeight.from_codes(c, v, config.bits), bias)
+        _set_submodule(block, name, sketched.to(lin.weight.device))
+
+
+def sketchable_names(block: nn.Module, gpr: int, bits: int) -> set[str]:
+    """Linear projections of a block whose input size the format can represent."""
+    names = set()
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            try:
+                check_shape(module.in_features, bits, gpr)
+            except ValueError:
+                continue
+            names.add(name)
+    return names
+
+
+def compress_model(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    config: SketchConfig,
+    batch_size: int = 4,
+    progress: bool = True,
+    on_block: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Sketch every linear projection of every decoder block of `model`, in place.
+
+    calibration: (n, seq_len) token ids, required when `config.data_aware`. Returns the sketched
+    module names (relative to the model) and records them in `model.config.quantization_config`.
+    """
+    blocks_name, blocks = find_decoder_blocks(model)
+    if config.data_aware and (calibration is None or calibration.numel() == 0):
+        raise SketchtuneError("data-aware compression needs calibration text")
+    device = next(model.parameters()).device
+    sketched: list[str] = []
+    inputs = None
+    with torch.no_grad():
+        if config.data_aware:
+            calibration = calibration.to(device)
+            inputs = _capture_first_block_inputs(model, blocks[0], calibration, batch_size)
+        bar = tqdm(blocks, desc="sketching blocks", unit="block", disable=not progress)
+        for index, block in enumerate(bar):
+            allowed = sketchable_names(block, config.gpr, config.bits)
+            if inputs is None:
+                steps = [[n] for n in sorted(allowed)]
+            else:
+                steps = _linear_steps(block, *inputs[0])
+            for names in steps:
+                names = [n for n in names if n in allowed]
+                if not names:
+                    continue
+                hessian = None
+                if inputs is not None:
+                    hessian = _input_hessian(block, block.get_submodule(names[0]), inputs)
+                _sketch_step(block, names, hessian, config)
+                sketched.extend(f"{blocks_name}.{index}.{n}" for n in names)
+            if inputs is not None and index + 1 < len(blocks):
+                inputs = [(_run_block(block, h, kw), kw) for h, kw in inputs]
+            if on_block is not None:
+                on_block(index)
+    if not sketched:
+        raise SketchtuneError(
+            "no linear projection in the decoder blocks could be sketched: their input sizes "
+            f"are not divisible by gpr={config.gpr} and the {config.bits}-bit packing unit"
+        )
+    round_to_storage(model)
+    model.config.quantization_config = {
+        "quant_method": "sketchtune",
+        "bits": config.bits,
+        "groups_per_row": config.gpr,
+        "modules": sketched,
+        "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
+        "learning": config.to_dict(),
+    }
+    return sketched
+
+
+def round_to_storage(model: nn.Module) -> None:
+    """Round every floating parameter to the storage dtype, so a reload is bit-identical."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.copy_(param.to(STORAGE_DTYPE).to(param.dtype))

@@ -1,0 +1,1 @@
+"""Text and task data: calibration text, held-out text, task datasets and prompt templates."""

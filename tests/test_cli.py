@@ -1,0 +1,97 @@
+"""The command line on a tiny model: the whole compress -> generate -> eval path, and bad input."""
+
+import json
+
+import pytest
+
+from sketchtune.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_generate_eval_end_to_end(tmp_path, tiny_model_dir, capsys):
+    out_dir = tmp_path / "sketched"
+    code, out, err = run(
+        capsys, "compress", tiny_model_dir, "-o", out_dir, "--bits", 4, "--gpr", 2,
+        "--samples", 4, "--seq-len", 32,
+    )
+    assert code == 0, err
+    assert json.loads(out)["sketched_layers"] == 14
+
+    code, out, err = run(capsys, "generate", out_dir, "--prompt", "hello", "--max-new-tokens", 4)
+    assert code == 0, err
+
+    results = tmp_path / "ppl.json"
+    for model in (tiny_model_dir, out_dir):
+        code, out, err = run(
+            capsys, "eval", model, "--task", "ppl", "--samples", 2, "--seq-len", 32,
+            "--output", results,
+        )
+        assert code == 0, err
+        saved = json.loads(results.read_text())
+        assert saved["perplexity"] > 1 and saved["tokens"] == 2 * 31
+
+
+def one_line_error(code, err):
+    assert code == 2
+    # Progress bars may precede it on stderr; the error itself is one line and no traceback.
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+def test_existing_output_folder_needs_force(tmp_path, tiny_model_dir, capsys):
+    out_dir = tmp_path / "exists"
+    out_dir.mkdir()
+    line = one_line_error(*run(capsys, "compress", tiny_model_dir, "-o", out_dir)[::2])
+    assert "--force" in line
+
+
+def test_folder_that_is_not_a_model(tmp_path, capsys):
+    line = one_line_error(*run(capsys, "compress", tmp_path, "-o", tmp_path / "o")[::2])
+    assert "not a model folder" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_local_model(tmp_path, capsys):
+    line = one_line_error(*run(capsys, "eval", "./no-such-model")[::2])
+    assert "no-such-model" in line
+
+
+def test_corrupt_checkpoint(tmp_path, tiny_model_dir, capsys):
+    out_dir = tmp_path / "s"
+    assert run(capsys, "compress", tiny_model_dir, "-o", out_dir, "--samples", 2,
+               "--seq-len", 16)[0] == 0
+    (out_dir / "model.safetensors").write_bytes(b"\x00" * 100)
+    line = one_line_error(*run(capsys, "eval", out_dir)[::2])
+    assert "corrupt" in line
+
+
+@pytest.mark.parametrize("flag,value", [("--bits", 5), ("--gpr", 3), ("--samples", 0)])
+def test_out_of_range_options_exit_2(tmp_path, tiny_model_dir, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), flag, str(value)])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpr_that_divides_no_projection_is_a_clear_error(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import char_tokenizer
+
+    folder = tmp_path / "odd"
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=36, intermediate_size=68, num_hidden_layers=1,
+        num_attention_heads=3, num_key_value_heads=3, head_dim=12,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    argv = ("compress", folder, "-o", tmp_path / "o", "--gpr", 8, "--samples", 2, "--seq-len", 16)
+    line = one_line_error(*run(capsys, *argv)[::2])
+    assert "could be sketched" in line and "gpr=8" in line
+    assert not (tmp_path / "o").exists()
