@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sketchtune.compress import SketchConfig, _linear_steps, compress_model, find_decoder_blocks
+from sketchtune.compression import SketchConfig, _linear_steps, compress_model, find_decoder_blocks
 from sketchtune.errors import SketchtuneError
 from sketchtune.layers import SketchLinear
 from tests.conftest import tiny_model

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sketchtune.compress import SketchConfig, compress_model
+from sketchtune.compression import SketchConfig, compress_model
 from sketchtune.errors import SketchtuneError
 from sketchtune.hub import WEIGHTS_NAME, load, save_sketched
 from sketchtune.layers import SketchLinear

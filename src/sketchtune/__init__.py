@@ -1,7 +1,7 @@
 """sketchtune: compress a causal LM into learned sketches, then fine-tune only the sketch values."""
 
 from .api import compress, load_any
-from .compress import SketchConfig, compress_model
+from .compression import SketchConfig, compress_model
 from .hub import load, save_sketched
 from .layers import SketchLinear
 

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hub
 from .atomic import check_output_dir
-from .compress import SketchConfig, compress_model
+from .compression import SketchConfig, compress_model
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity

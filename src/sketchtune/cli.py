@@ -29,7 +29,7 @@ def _print_json(payload: dict) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from .api import compress_to_folder
-    from .compress import SketchConfig
+    from .compression import SketchConfig
 
     config = SketchConfig(
         bits=args.bits, gpr=args.gpr, damp=args.damp, kmeans=args.kmeans, data_aware=not args.plain

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .api import compress_to_folder, heldout_perplexity, load_any
 from .atomic import write_json_atomic
-from .compress import SketchConfig
+from .compression import SketchConfig
 from .generate import generate_text
 
 DEMO_MODEL = "smollm2-135m"

