@@ -16,19 +16,36 @@ from .data.text import calibration_texts, heldout_texts, read_text_file, token_w
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .sources import load_dense
+from .task_sketch import apply_task_sketch, load_task_sketch
+
+
+def load(
+    path: str | os.PathLike,
+    task_sketch: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A sketched model folder, with a task sketch's values applied when one is given."""
+    model = hub.load(path, dtype=dtype)
+    if task_sketch is not None:
+        apply_task_sketch(model, load_task_sketch(task_sketch))
+    return model
 
 
 def load_any(
-    name_or_path: str, dtype: torch.dtype = torch.float32
+    name_or_path: str,
+    task_sketch: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A sketched model folder through `hub.load`, anything else as a dense source model."""
+    """A sketched model folder (plus optional task sketch), or any dense source model."""
     if Path(name_or_path).is_dir() and hub.sketch_config_of(name_or_path) is not None:
-        model = hub.load(name_or_path, dtype=dtype)
+        model = load(name_or_path, task_sketch, dtype=dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:
             raise SketchtuneError(f"{name_or_path} has no usable tokenizer: {exc}") from None
         return model, tokenizer
+    if task_sketch is not None:
+        raise SketchtuneError(f"{name_or_path} is not a sketched model: task sketches need one")
     return load_dense(name_or_path, dtype=dtype)
 
 

@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
 
-    model, tokenizer = load_any(args.model)
+    model, tokenizer = load_any(args.model, args.task_sketch)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
 
 
@@ -55,12 +55,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.task != "ppl":
         raise SketchtuneError(f"unknown task {args.task!r} (available: ppl)")
-    model, tokenizer = load_any(args.model)
-    result = {"model": args.model, "task": "ppl", "text": args.text or "held-out default"}
+    model, tokenizer = load_any(args.model, args.task_sketch)
+    result = {
+        "model": args.model,
+        "task_sketch": args.task_sketch,
+        "task": "ppl",
+        "text": args.text or "held-out default",
+    }
     result.update(heldout_perplexity(model, tokenizer, args.samples, args.seq_len, args.text))
     if args.output:
         write_json_atomic(args.output, result)
     _print_json(result)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .train import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=args.warmup, seed=args.seed,
+        save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
+        limit=args.limit,
+    )
+    summary = finetune(
+        args.model, args.data, args.output, config, resume=args.resume, force=args.force,
+        data_root=args.data_root,
+    )
+    _print_json({k: v for k, v in summary.items() if k not in ("settings", "data_report")})
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .api import load_any
+    from .export import export_dense
+
+    model, tokenizer = load_any(args.model, args.task_sketch)
+    export_dense(model, tokenizer, args.output, force=args.force)
+    print(f"dense model written to {args.output}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -95,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a (sketched) model")
@@ -104,7 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=512)
     p.add_argument("--text", help="text file to measure instead of the held-out default")
     p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="train the sketch values of a sketched model")
+    p.add_argument("model", help="sketched model folder (from `sketchtune compress`)")
+    p.add_argument("--data", required=True,
+                   help="commonsense, gsm8k, an LLM-Adapters task name, or a .json/.jsonl file")
+    p.add_argument("-o", "--output", required=True, help="task sketch folder to write")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when positive")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--grad-accum", type=_positive, default=1)
+    p.add_argument("--seq-len", type=_positive, default=512)
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: 10%% of the run, <= 100)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-steps", type=_positive, default=50, help="checkpoint interval")
+    p.add_argument("--limit", type=_positive, help="use at most this many training examples")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write a plain dense transformers model")
+    p.add_argument("model", help="sketched model folder")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")

@@ -1,0 +1,257 @@
+"""Fine-tuning a sketched model: only the `values` tables train, through HF Trainer/accelerate.
+
+The same code runs on one process or data-parallel under `torchrun`/`accelerate launch` (DDP).
+Work in progress lives in `<output>.run/` (checkpoints, metrics.jsonl); a checkpoint counts only
+once its completion marker is written, so a kill mid-save never poisons `--resume`. The finished
+task sketch is written to `<output>` atomically, with metrics.jsonl and loss.png beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .atomic import atomic_directory, check_output_dir
+from .data.tasks import collate, load_examples, test_overlap, tokenize_examples
+from .errors import SketchtuneError
+from .hub import load as load_sketched
+from .plots import plot_loss
+from .task_sketch import (
+    VALUES_NAME,
+    apply_task_sketch,
+    extract_task_sketch,
+    load_task_sketch,
+    sketched_layers,
+    write_task_sketch,
+)
+
+COMPLETE_MARKER = "checkpoint-complete"
+
+
+@dataclass
+class FinetuneConfig:
+    """Training settings; defaults suit short runs on small models (sweep `lr` for yours)."""
+
+    epochs: float = 1.0
+    max_steps: int = -1  # overrides epochs when positive
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    warmup: int | None = None  # steps; None: 10% of the run, at most 100
+    seed: int = 42
+    save_steps: int = 50
+    logging_steps: int = 5
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    limit: int | None = None  # use at most this many training examples
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size <= 0 or self.grad_accum <= 0 or self.seq_len <= 1:
+            raise SketchtuneError("lr, batch size, grad accumulation and seq-len must be positive")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class SketchTrainer(Trainer):
+    """Trainer whose checkpoints hold only the task sketch, and which stops on a NaN/inf loss."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            write_task_sketch(extract_task_sketch(self.accelerator.unwrap_model(self.model)),
+                              output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE_MARKER).touch()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        apply_task_sketch(self.accelerator.unwrap_model(model),
+                          load_task_sketch(resume_from_checkpoint))
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged step (loss, lr, tokens/s) to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last: tuple[float, int] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if self._last is not None and now > self._last[0]:
+            record["tokens_per_second"] = (tokens - self._last[1]) * 1.0 / (now - self._last[0])
+        self._last = (now, tokens)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def freeze_all_but_values(model: torch.nn.Module) -> int:
+    """Only the sketch tables train. Returns the number of trainable parameters."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = sketched_layers(model)
+    if not layers:
+        raise SketchtuneError("model has no sketched layers to fine-tune (compress it first)")
+    for layer in layers.values():
+        layer.values.requires_grad_(True)
+    return sum(layer.values.numel() for layer in layers.values())
+
+
+def prepare_data(data: str, tokenizer, config: FinetuneConfig, data_root: str | None = None):
+    """Tokenized training set plus a report of what was read, skipped and overlaps test sets."""
+    examples, report = load_examples(data, "train", data_root)
+    if config.limit:
+        examples = examples[: config.limit]
+    overlap = test_overlap(examples, data_root)
+    if overlap:
+        warnings.warn(
+            f"training data {data!r} overlaps test sets: {overlap}; scores on them are inflated",
+            stacklevel=2,
+        )
+    dataset, token_report = tokenize_examples(examples, tokenizer, config.seq_len)
+    if len(dataset) == 0:
+        raise SketchtuneError(f"no usable training example in {data!r} (report: {report})")
+    return dataset, {**report, **token_report, "test_overlap": overlap, "used": len(dataset)}
+
+
+def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progress: bool):
+    warmup = config.warmup if config.warmup is not None else min(100, steps // 10)
+    use_cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=not use_cuda,
+        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def finetune(
+    base: str | os.PathLike,
+    data: str,
+    output: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    data_root: str | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict:
+    """Fine-tune the values of the sketched model at `base` on `data`; write a task sketch."""
+    config = config or FinetuneConfig()
+    output = Path(output)
+    run_dir = output.with_name(output.name + ".run")
+    checkpoint = None
+    if resume:
+        checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise SketchtuneError(f"nothing to resume: no complete checkpoint under {run_dir}")
+    else:
+        check_output_dir(output, force)
+        if run_dir.exists():
+            if not force:
+                raise SketchtuneError(
+                    f"{run_dir} holds an unfinished run: pass --resume to continue it "
+                    "or --force to start over"
+                )
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    model = load_sketched(base)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    trainable = freeze_all_but_values(model)
+    dataset, data_report = prepare_data(data, tokenizer, config, data_root)
+    per_step = config.batch_size * config.grad_accum * max(1, int(os.environ.get("WORLD_SIZE", 1)))
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(
+        config.epochs * len(dataset) / per_step
+    )
+    trainer = SketchTrainer(
+        model=model,
+        args=training_arguments(config, run_dir, steps, progress),
+        train_dataset=dataset,
+        data_collator=collate(tokenizer),
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *(callbacks or [])],
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLoss as exc:
+        last = last_complete_checkpoint(run_dir / "checkpoints")
+        kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was reached"
+        raise SketchtuneError(f"{exc}; training stopped ({kept}); try a lower --lr") from None
+    seconds = time.perf_counter() - start
+
+    summary = {
+        "base": str(base),
+        "data": data,
+        "trainable_parameters": trainable,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": seconds,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "settings": asdict(config),
+        "data_report": data_report,
+    }
+    if trainer.args.should_save:
+        sketch = extract_task_sketch(model, info={"training": summary})
+        with atomic_directory(output, force=True) as temp:
+            write_task_sketch(sketch, temp)
+            shutil.copy(run_dir / "metrics.jsonl", temp / "metrics.jsonl")
+            plot_loss(temp / "metrics.jsonl", temp / "loss.png")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary["task_sketch_bytes"] = (output / VALUES_NAME).stat().st_size
+    return summary
