@@ -61,3 +61,31 @@ def tiny_model_dir(tmp_path):
     tiny_model().save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def sketched_tiny_dir(tmp_path):
+    """A sketched tiny Llama folder (4 bits, gpr 2) with its tokenizer."""
+    from sketchtune.compression import SketchConfig, compress_model
+    from sketchtune.hub import save_sketched
+
+    model = tiny_model()
+    calibration = torch.randint(2, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    compress_model(model, calibration, SketchConfig(bits=4, gpr=2), progress=False)
+    save_sketched(model, char_tokenizer(), tmp_path / "sketched")
+    return tmp_path / "sketched"
+
+
+@pytest.fixture
+def tiny_task_file(tmp_path):
+    """A small instruction dataset in a user JSONL file."""
+    import json
+
+    rows = [
+        {"instruction": f"add {a} and {b}", "output": f"the sum is {a + b}"}
+        for a in range(6)
+        for b in range(6)
+    ]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

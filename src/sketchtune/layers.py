@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .format import SketchedWeight, check_shape, unpack_codes
+from .format import SketchedWeight, check_shape
 from .kernels import lut_linear
 
 
@@ -41,7 +41,6 @@ class SketchLinear(nn.Module):
             if bias
             else None
         )
-        self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_sketch(cls, sketch: SketchedWeight, bias: torch.Tensor | None = None) -> SketchLinear:
@@ -56,12 +55,6 @@ class SketchLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
-    def unpacked_codes(self) -> torch.Tensor:
-        """(d_out, d_in) uint8 codes, cached until `codes` is replaced or moved."""
-        if self._unpacked is None or self._unpacked[0] is not self.codes:
-            self._unpacked = (self.codes, unpack_codes(self.codes, self.bits, self.in_features))
-        return self._unpacked[1]
-
     def sketch(self) -> SketchedWeight:
         return SketchedWeight(self.codes, self.values.detach(), self.bits, self.in_features)
 
@@ -69,7 +62,7 @@ class SketchLinear(nn.Module):
         return self.sketch().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = lut_linear(x, self.unpacked_codes(), self.values)
+        y = lut_linear(x, self.codes, self.values, self.bits)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

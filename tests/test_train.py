@@ -1,0 +1,123 @@
+"""Fine-tuning on a tiny sketched model: values-only training, resume after a kill, NaN stop."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sketchtune.errors import SketchtuneError
+from sketchtune.hub import load
+from sketchtune.task_sketch import load_task_sketch
+from sketchtune.train import FinetuneConfig, finetune
+
+FAST = dict(batch_size=4, seq_len=256, save_steps=2, logging_steps=1, warmup=0, seed=3)
+
+
+def test_only_values_train_and_outputs_are_written(sketched_tiny_dir, tiny_task_file, tmp_path):
+    out = tmp_path / "task"
+    summary = finetune(
+        sketched_tiny_dir, str(tiny_task_file), out,
+        FinetuneConfig(max_steps=8, lr=3e-2, **FAST), progress=False,
+    )
+    base = load(sketched_tiny_dir)
+    expected = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".values"))
+    assert summary["trainable_parameters"] == expected
+    assert summary["steps"] == 8
+    assert {p.name for p in out.iterdir()} == {
+        "values.safetensors", "task_sketch.json", "metrics.jsonl", "loss.png"
+    }
+    assert not out.with_name("task.run").exists()
+
+    # Values moved, everything else (codes, norms, embeddings) is the base's.
+    tuned_values = load_task_sketch(out).values
+    base_state = base.state_dict()
+    moved = [n for n, v in tuned_values.items() if not torch.equal(v, base_state[n + ".values"])]
+    assert moved == sorted(tuned_values)
+
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0]
+
+
+def test_existing_unfinished_run_needs_resume_or_force(sketched_tiny_dir, tiny_task_file, tmp_path):
+    (tmp_path / "task.run").mkdir()
+    with pytest.raises(SketchtuneError, match="--resume"):
+        finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
+                 FinetuneConfig(max_steps=2, **FAST), progress=False)
+    with pytest.raises(SketchtuneError, match="nothing to resume"):
+        finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
+                 FinetuneConfig(max_steps=2, **FAST), resume=True, progress=False)
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from sketchtune.train import FinetuneConfig, finetune
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # after checkpoint-4 was written, before the next one
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    base, data, out = sys.argv[1:4]
+    config = FinetuneConfig(max_steps=8, lr=3e-2, batch_size=4, seq_len=256, save_steps=2,
+                            logging_steps=1, warmup=0, seed=3)
+    finetune(base, data, out, config, progress=False, callbacks=[KillAt()])
+""")
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(sketched_tiny_dir, tiny_task_file,
+                                                       tmp_path):
+    config = FinetuneConfig(max_steps=8, lr=3e-2, **FAST)
+    finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "straight", config,
+             progress=False)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(sketched_tiny_dir), str(tiny_task_file),
+         str(killed)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not killed.exists() and (tmp_path / "killed.run").exists()
+
+    finetune(sketched_tiny_dir, str(tiny_task_file), killed, config, resume=True,
+             progress=False)
+    straight = load_file(tmp_path / "straight" / "values.safetensors")
+    resumed = load_file(killed / "values.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+
+
+class BreakValuesAt(TrainerCallback):
+    """Simulates a diverging run: one table turns to NaN after step `at`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n.endswith(".values")).fill_(
+                    float("nan")
+                )
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    sketched_tiny_dir, tiny_task_file, tmp_path
+):
+    with pytest.raises(SketchtuneError, match="loss became nan at step 4.*checkpoint-2.*--lr"):
+        finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
+                 FinetuneConfig(max_steps=8, lr=1e-3, **FAST), progress=False,
+                 callbacks=[BreakValuesAt(3)])
+    assert not (tmp_path / "task").exists()
+    kept = tmp_path / "task.run" / "checkpoints" / "checkpoint-2"
+    assert torch.isfinite(load_task_sketch(kept).values[next(iter(
+        load_task_sketch(kept).values))]).all()
