@@ -93,6 +93,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"dense model written to {args.output}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import CompareConfig, compare
+
+    config = CompareConfig(
+        model=args.model, data=args.data, tasks=args.task.split(","),
+        methods=args.methods.split(","), gpr=args.gpr, steps=args.steps,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr_sketch=args.lr_sketch,
+        lr_lora=args.lr_lora, seed=args.seed, limit=args.limit, nll_limit=args.nll_limit,
+        generate_limit=args.generate_limit, calib_samples=args.samples, sketched=args.sketched,
+        data_root=args.data_root,
+    )
+    compare(config, args.output, force=args.force)
+    print((Path(args.output) / "results.md").read_text())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -165,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="SketchTune vs dense, LoRA, DoRA, QLoRA-style, one table")
+    p.add_argument("model", help=f"dense source model, e.g. {DEFAULT_MODEL!r}")
+    p.add_argument("--data", required=True, help="training data (as for finetune)")
+    p.add_argument("--task", required=True, help="evaluation tasks, comma-separated")
+    p.add_argument("-o", "--output", required=True, help="folder for the tables and chart")
+    p.add_argument("--methods", default="dense,sketch,lora,dora,qlora")
+    p.add_argument("--gpr", type=int, default=4, choices=SUPPORTED_GPR)
+    p.add_argument("--steps", type=_positive, default=100)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--seq-len", type=_positive, default=256)
+    p.add_argument("--lr-sketch", type=float, default=1e-4)
+    p.add_argument("--lr-lora", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=_positive, default=400, help="log-likelihood items per task")
+    p.add_argument("--nll-limit", type=_positive, default=200, help="held-out responses")
+    p.add_argument("--generate-limit", type=int, default=0, help="generation items (0: skip)")
+    p.add_argument("--samples", type=_positive, default=32, help="calibration sequences")
+    p.add_argument("--sketched", help="reuse this compressed base instead of compressing")
+    p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")

@@ -28,3 +28,27 @@ def plot_loss(metrics_jsonl: Path, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_comparison(results: dict, out_png: Path) -> Path:
+    """Two panels: held-out NLL per method, and log-likelihood accuracy per task with 95% CIs."""
+    rows, tasks = results["rows"], results["settings"]["tasks"]
+    methods = [r["method"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(methods, [r["heldout_nll"] for r in rows], color="tab:blue")
+    left.set_ylabel("held-out NLL per response token (lower is better)")
+    left.set_ylim(bottom=min(r["heldout_nll"] for r in rows) * 0.9)
+    width = 0.8 / max(1, len(methods))
+    for i, row in enumerate(rows):
+        accs = [row["tasks"][t]["loglik"]["accuracy"] for t in tasks]
+        lows = [a - row["tasks"][t]["loglik"]["ci95"][0] for a, t in zip(accs, tasks, strict=True)]
+        highs = [row["tasks"][t]["loglik"]["ci95"][1] - a for a, t in zip(accs, tasks, strict=True)]
+        xs = [j + i * width for j in range(len(tasks))]
+        right.bar(xs, accs, width, yerr=[lows, highs], capsize=3, label=row["method"])
+    right.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))], tasks)
+    right.set_ylabel("log-likelihood accuracy (95% CI)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

@@ -181,6 +181,43 @@ def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progre
     )
 
 
+def train_model(
+    model: torch.nn.Module,
+    tokenizer,
+    dataset,
+    config: FinetuneConfig,
+    run_dir: Path,
+    trainer_cls: type[Trainer] = SketchTrainer,
+    callbacks: list[TrainerCallback] | None = None,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+):
+    """Run the Trainer on `model`'s trainable parameters. Returns (trainer, result, seconds).
+
+    Shared by sketch fine-tuning and the LoRA baselines, so every method gets the same loop,
+    schedule, batches and seed.
+    """
+    per_step = config.batch_size * config.grad_accum * max(1, int(os.environ.get("WORLD_SIZE", 1)))
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(
+        config.epochs * len(dataset) / per_step
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=training_arguments(config, run_dir, steps, progress),
+        train_dataset=dataset,
+        data_collator=collate(tokenizer),
+        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *(callbacks or [])],
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteLoss as exc:
+        last = last_complete_checkpoint(run_dir / "checkpoints")
+        kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was reached"
+        raise SketchtuneError(f"{exc}; training stopped ({kept}); try a lower --lr") from None
+    return trainer, result, time.perf_counter() - start
+
+
 def finetune(
     base: str | os.PathLike,
     data: str,
@@ -219,25 +256,10 @@ def finetune(
     tokenizer = AutoTokenizer.from_pretrained(base)
     trainable = freeze_all_but_values(model)
     dataset, data_report = prepare_data(data, tokenizer, config, data_root)
-    per_step = config.batch_size * config.grad_accum * max(1, int(os.environ.get("WORLD_SIZE", 1)))
-    steps = config.max_steps if config.max_steps > 0 else math.ceil(
-        config.epochs * len(dataset) / per_step
+    trainer, result, seconds = train_model(
+        model, tokenizer, dataset, config, run_dir, callbacks=callbacks, checkpoint=checkpoint,
+        progress=progress,
     )
-    trainer = SketchTrainer(
-        model=model,
-        args=training_arguments(config, run_dir, steps, progress),
-        train_dataset=dataset,
-        data_collator=collate(tokenizer),
-        callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *(callbacks or [])],
-    )
-    start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except NonFiniteLoss as exc:
-        last = last_complete_checkpoint(run_dir / "checkpoints")
-        kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was reached"
-        raise SketchtuneError(f"{exc}; training stopped ({kept}); try a lower --lr") from None
-    seconds = time.perf_counter() - start
 
     summary = {
         "base": str(base),

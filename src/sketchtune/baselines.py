@@ -1,0 +1,109 @@
+"""Baselines for side-by-side runs: LoRA / DoRA through PEFT, and a QLoRA-style 4-bit base.
+
+bitsandbytes has no 4-bit path on this CPU-only machine, so the QLoRA-style baseline is our own
+plain-PyTorch one, stated as such: 4-bit normal-float codes (16 levels at evenly spaced quantiles
+of a standard normal) with one absmax scale per 64 weights, dequantized on the fly in every
+forward, plus trainable LoRA factors (B zero-initialised, as in LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compression import _set_submodule, find_decoder_blocks
+from .format import pack_codes, unpack_codes
+
+NF_BLOCK = 64
+# (16,) levels in [-1, 1]: normal quantiles at (i + 0.5) / 16, scaled to unit absmax.
+NF_LEVELS = torch.special.ndtri((torch.arange(16, dtype=torch.float64) + 0.5) / 16)
+NF_LEVELS = (NF_LEVELS / NF_LEVELS.abs().max()).float()
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the nn.Linear modules inside the decoder blocks (q_proj, ...)."""
+    _, blocks = find_decoder_blocks(model)
+    names = {n.rsplit(".", 1)[-1] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names)
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name."""
+    prefix, blocks = find_decoder_blocks(model)
+    return {
+        f"{prefix}.{i}.{n}": m
+        for i, block in enumerate(blocks)
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def sketch_parameter_count(model: nn.Module, gpr: int, bits: int = 4) -> int:
+    """Trainable parameters a sketch of `model` would have: Σ d_out · gpr · 2**bits."""
+    return sum(m.out_features * gpr * (1 << bits) for m in block_linears(model).values())
+
+
+def matched_lora_rank(model: nn.Module, gpr: int, bits: int = 4) -> int:
+    """LoRA rank whose r · Σ (d_in + d_out) comes closest to the sketch's parameter count."""
+    per_rank = sum(m.in_features + m.out_features for m in block_linears(model).values())
+    return max(1, round(sketch_parameter_count(model, gpr, bits) / per_rank))
+
+
+def lora_model(model: nn.Module, rank: int, dora: bool = False) -> nn.Module:
+    """PEFT LoRA (or DoRA) of rank `rank`, alpha 2·rank, no dropout, on every projection."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=dora,
+        target_modules=projection_names(model), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_out, d_in) -> packed 4-bit codes (d_out, d_in/2) uint8, absmax scales (d_out, d_in/64)."""
+    d_out, d_in = weight.shape
+    blocks = weight.float().reshape(d_out, d_in // NF_BLOCK, NF_BLOCK)
+    scales = blocks.abs().amax(-1).clamp_min(1e-12)  # (d_out, n_blocks)
+    normed = blocks / scales[..., None]
+    codes = (normed[..., None] - NF_LEVELS).abs().argmin(-1).reshape(d_out, d_in)
+    return pack_codes(codes, 4), scales
+
+
+def dequantize_nf4(packed: torch.Tensor, scales: torch.Tensor, d_in: int) -> torch.Tensor:
+    d_out = packed.shape[0]
+    levels = NF_LEVELS.to(scales.device)[unpack_codes(packed, 4, d_in).long()]
+    return (levels.reshape(d_out, -1, NF_BLOCK) * scales[..., None]).reshape(d_out, d_in)
+
+
+class NF4LoraLinear(nn.Module):
+    """Frozen 4-bit base weight, dequantized per call, plus a trainable LoRA update."""
+
+    def __init__(self, linear: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed, scales = quantize_nf4(linear.weight.detach())
+        self.register_buffer("codes", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scaling = 2.0  # alpha = 2 · rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_nf4(self.codes, self.scales, self.in_features).to(x.dtype)
+        y = F.linear(x, weight, self.bias)
+        return y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+def qlora_style_model(model: nn.Module, rank: int) -> nn.Module:
+    """Swap every block projection for NF4LoraLinear; everything else frozen. In place."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, linear in block_linears(model).items():
+        _set_submodule(model, name, NF4LoraLinear(linear, rank))
+    return model

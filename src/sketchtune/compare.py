@@ -1,0 +1,183 @@
+"""`sketchtune compare`: every method on the same data, steps, seed and evaluation, side by side.
+
+Methods: the dense model untuned, SketchTune (chosen gpr), LoRA and DoRA through PEFT at the
+sketch's trainable-parameter count, and a QLoRA-style 4-bit base + LoRA (our plain-PyTorch NF4
+base, see baselines.py). Each method runs in its own process, so its peak memory is its own.
+The table leads with the held-out loss (mean NLL per response token on the test split of the
+training task), which separates methods at small scale where accuracies sit at chance.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_directory
+from .errors import SketchtuneError
+
+METHODS = ("dense", "sketch", "lora", "dora", "qlora")
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    data: str
+    tasks: list[str]
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    gpr: int = 4
+    bits: int = 4
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 256
+    lr_sketch: float = 1e-4
+    lr_lora: float = 2e-4
+    seed: int = 42
+    limit: int | None = 400  # log-likelihood items per task
+    nll_limit: int = 200  # held-out responses for the NLL
+    generate_limit: int = 0  # items for the generation protocol (slow on CPU); 0 skips it
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    sketched: str | None = None  # reuse an already compressed base (must match bits/gpr)
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise SketchtuneError(f"unknown methods {unknown} (available: {', '.join(METHODS)})")
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the base held in memory: every frozen parameter and buffer, each storage once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if tensor.requires_grad or key in seen:
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def _build(method: str, cfg: CompareConfig):
+    """(model ready to train or evaluate, tokenizer, learning rate) for one method."""
+    from .api import compress
+    from .baselines import lora_model, matched_lora_rank, qlora_style_model
+    from .compression import SketchConfig
+    from .sources import load_dense
+    from .train import freeze_all_but_values
+
+    if method == "sketch" and cfg.sketched:
+        from .api import load_any
+
+        model, tokenizer = load_any(cfg.sketched)
+        freeze_all_but_values(model)
+        return model, tokenizer, cfg.lr_sketch
+    model, tokenizer = load_dense(cfg.model)
+    if method == "dense":
+        return model, tokenizer, 0.0
+    if method == "sketch":
+        compress(model, tokenizer, SketchConfig(bits=cfg.bits, gpr=cfg.gpr),
+                 samples=cfg.calib_samples, seq_len=cfg.calib_seq_len)
+        freeze_all_but_values(model)
+        return model, tokenizer, cfg.lr_sketch
+    rank = matched_lora_rank(model, cfg.gpr, cfg.bits)
+    if method == "qlora":
+        return qlora_style_model(model, rank), tokenizer, cfg.lr_lora
+    return lora_model(model, rank, dora=method == "dora"), tokenizer, cfg.lr_lora
+
+
+def _evaluate_all(model, tokenizer, cfg: CompareConfig) -> dict:
+    from .evaluate.run import evaluate
+
+    heldout = evaluate(model, tokenizer, cfg.data if cfg.data != "commonsense" else cfg.tasks[0],
+                       "nll", limit=cfg.nll_limit, data_root=cfg.data_root)
+    scores = {"heldout_nll": heldout["nll"], "heldout": heldout, "tasks": {}}
+    for task in cfg.tasks:
+        scores["tasks"][task] = {
+            "loglik": evaluate(model, tokenizer, task, "loglik", limit=cfg.limit,
+                               data_root=cfg.data_root)
+        }
+        if cfg.generate_limit:
+            scores["tasks"][task]["generate"] = evaluate(
+                model, tokenizer, task, "generate", limit=cfg.generate_limit,
+                data_root=cfg.data_root,
+            )
+    return scores
+
+
+def run_method(method: str, cfg: CompareConfig) -> dict:
+    """Build, train (unless dense) and evaluate one method in this process."""
+    from transformers import Trainer
+
+    from .train import FinetuneConfig, SketchTrainer, prepare_data, train_model
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, lr = _build(method, cfg)
+    row = {
+        "method": method,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "base_bytes": frozen_bytes(model),
+    }
+    if method != "dense":
+        train_cfg = FinetuneConfig(max_steps=cfg.steps, lr=lr, batch_size=cfg.batch_size,
+                                   seq_len=cfg.seq_len, seed=cfg.seed, save_steps=cfg.steps + 1,
+                                   logging_steps=max(1, cfg.steps // 20))
+        dataset, report = prepare_data(cfg.data, tokenizer, train_cfg, cfg.data_root)
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer, result, seconds = train_model(
+                model, tokenizer, dataset, train_cfg, Path(run_dir),
+                trainer_cls=SketchTrainer if method == "sketch" else Trainer,
+            )
+            metrics = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text()
+                       .splitlines()]
+        row.update(
+            train_loss=result.training_loss,
+            train_seconds=seconds,
+            train_tokens_per_second=int(trainer.state.num_input_tokens_seen) / seconds,
+            loss_curve=[(m["step"], m["loss"]) for m in metrics if "loss" in m],
+            test_overlap=report["test_overlap"],
+        )
+    model.eval()
+    row.update(_evaluate_all(model, tokenizer, cfg))
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def compare(cfg: CompareConfig, output: str | Path, force: bool = False) -> dict:
+    """Run every method in its own process and write the comparison tables and chart."""
+    from .atomic import check_output_dir
+    from .report import write_comparison
+
+    check_output_dir(output, force)
+    rows = []
+    for method in cfg.methods:
+        print(f"== {method}", flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "sketchtune.compare", json.dumps({"method": method,
+                                                                     **asdict(cfg)})],
+            stdout=subprocess.PIPE, text=True,
+        )
+        if proc.returncode != 0:
+            raise SketchtuneError(f"method {method} failed (exit {proc.returncode}); see above")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {"settings": asdict(cfg), "rows": rows}
+    with atomic_directory(output, force) as temp:
+        write_comparison(results, temp)
+    return results
+
+
+def _worker() -> None:
+    spec = json.loads(sys.argv[1])
+    method = spec.pop("method")
+    print(json.dumps(run_method(method, CompareConfig(**spec))))
+
+
+if __name__ == "__main__":
+    _worker()
