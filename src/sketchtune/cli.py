@@ -50,22 +50,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .api import heldout_perplexity, load_any
+    from .api import load_any
     from .atomic import write_json_atomic
+    from .evaluate.run import check_task, evaluate
 
-    if args.task != "ppl":
-        raise SketchtuneError(f"unknown task {args.task!r} (available: ppl)")
+    tasks = [check_task(t.strip(), args.protocol, args.data_root) for t in args.task.split(",")]
     model, tokenizer = load_any(args.model, args.task_sketch)
-    result = {
-        "model": args.model,
-        "task_sketch": args.task_sketch,
-        "task": "ppl",
-        "text": args.text or "held-out default",
-    }
-    result.update(heldout_perplexity(model, tokenizer, args.samples, args.seq_len, args.text))
-    if args.output:
-        write_json_atomic(args.output, result)
-    _print_json(result)
+    summary = {"model": args.model, "task_sketch": args.task_sketch, "results": []}
+    for task in tasks:
+        result = evaluate(
+            model, tokenizer, task, args.protocol, args.limit, args.batch_size, args.data_root,
+            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, samples=args.samples,
+            seq_len=args.seq_len, text=args.text,
+        )
+        summary["results"].append({**result, "model": args.model})
+        if args.output:  # after every task: a long run keeps what it finished
+            write_json_atomic(args.output, summary)
+    _print_json(summary)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -102,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, seq_len=args.seq_len, lr_sketch=args.lr_sketch,
         lr_lora=args.lr_lora, seed=args.seed, limit=args.limit, nll_limit=args.nll_limit,
         generate_limit=args.generate_limit, calib_samples=args.samples, sketched=args.sketched,
-        data_root=args.data_root,
+        heldout=args.heldout, data_root=args.data_root,
     )
     compare(config, args.output, force=args.force)
     print((Path(args.output) / "results.md").read_text())
@@ -111,7 +112,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.output_dir), samples=args.samples, seq_len=args.seq_len)
+    run_demo(Path(args.output_dir), samples=args.samples, seq_len=args.seq_len, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,10 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a (sketched) model")
     p.add_argument("model")
-    p.add_argument("--task", default="ppl", help="ppl: perplexity on held-out text")
-    p.add_argument("--samples", type=_positive, default=32)
-    p.add_argument("--seq-len", type=_positive, default=512)
-    p.add_argument("--text", help="text file to measure instead of the held-out default")
+    p.add_argument("--task", default="ppl",
+                   help="comma-separated: boolq, piqa, social_i_qa, hellaswag, winogrande, "
+                        "ARC-Easy, ARC-Challenge, openbookqa, gsm8k, AddSub, MultiArith, "
+                        "SingleEq, AQuA, an LLM-Adapters-format file, or ppl (held-out text)")
+    p.add_argument("--protocol", choices=("generate", "loglik", "nll"), default="generate",
+                   help="generated reply + answer extraction, log-likelihood multiple choice, "
+                        "or NLL of the gold responses (ppl ignores it)")
+    p.add_argument("--limit", type=_positive, help="a fixed random subset of this many items")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--num-beams", type=_positive, default=1, help="beam search when > 1")
+    p.add_argument("--max-new-tokens", type=_positive,
+                   help="reply length (default 32 for label answers, 256 for math)")
+    p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
+    p.add_argument("--samples", type=_positive, default=32, help="ppl: text windows")
+    p.add_argument("--seq-len", type=_positive, default=512, help="ppl: tokens per window")
+    p.add_argument("--text", help="ppl: text file to measure instead of the held-out default")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.set_defaults(func=cmd_eval)
@@ -199,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-limit", type=int, default=0, help="generation items (0: skip)")
     p.add_argument("--samples", type=_positive, default=32, help="calibration sequences")
     p.add_argument("--sketched", help="reuse this compressed base instead of compressing")
+    p.add_argument("--heldout", help="task for the held-out NLL (default: the --data task)")
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--samples", type=_positive, default=16, help="calibration sequences")
     p.add_argument("--seq-len", type=_positive, default=512)
+    p.add_argument("--steps", type=_positive, default=60, help="fine-tuning steps per method")
     p.set_defaults(func=cmd_demo)
     return parser
 

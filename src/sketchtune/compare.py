@@ -45,6 +45,7 @@ class CompareConfig:
     calib_samples: int = 32
     calib_seq_len: int = 512
     sketched: str | None = None  # reuse an already compressed base (must match bits/gpr)
+    heldout: str | None = None  # task for the held-out NLL; default: the training task's test
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -93,11 +94,20 @@ def _build(method: str, cfg: CompareConfig):
     return lora_model(model, rank, dora=method == "dora"), tokenizer, cfg.lr_lora
 
 
+def heldout_task(cfg: CompareConfig) -> str:
+    """The training task's own test split, unless it has none (a mix or a user file)."""
+    if cfg.heldout:
+        return cfg.heldout
+    if cfg.data == "commonsense" or Path(cfg.data).suffix in (".json", ".jsonl"):
+        return cfg.tasks[0]
+    return cfg.data
+
+
 def _evaluate_all(model, tokenizer, cfg: CompareConfig) -> dict:
     from .evaluate.run import evaluate
 
-    heldout = evaluate(model, tokenizer, cfg.data if cfg.data != "commonsense" else cfg.tasks[0],
-                       "nll", limit=cfg.nll_limit, data_root=cfg.data_root)
+    heldout = evaluate(model, tokenizer, heldout_task(cfg), "nll", limit=cfg.nll_limit,
+                       data_root=cfg.data_root)
     scores = {"heldout_nll": heldout["nll"], "heldout": heldout, "tasks": {}}
     for task in cfg.tasks:
         scores["tasks"][task] = {

@@ -1,0 +1,49 @@
+"""`sketchtune compare` end to end on a tiny model: every method trains and lands in one table."""
+
+import csv
+import json
+
+import pytest
+
+from sketchtune.cli import main
+from sketchtune.data.tasks import find_data_root
+from sketchtune.errors import SketchtuneError
+
+
+def shared_data_available() -> bool:
+    try:
+        return (find_data_root() / "llm-adapters" / "ARC-Easy" / "test.json").is_file()
+    except SketchtuneError:
+        return False
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data")
+def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main([
+        "compare", str(tiny_model_dir), "--data", str(tiny_task_file), "--task", "ARC-Easy",
+        "--methods", "dense,sketch,lora", "--steps", "3", "--batch-size", "4",
+        "--limit", "6", "--nll-limit", "4", "--samples", "2", "-o", str(out),
+    ])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["dense", "sketch", "lora"]
+    # Matched budgets: sketch and LoRA train about the same number of parameters.
+    ratio = rows["sketch"]["trainable_parameters"] / rows["lora"]["trainable_parameters"]
+    assert 0.8 < ratio < 1.25
+    assert rows["sketch"]["base_bytes"] < rows["lora"]["base_bytes"]
+    for row in rows.values():
+        assert row["heldout_nll"] > 0
+        assert 0 <= row["tasks"]["ARC-Easy"]["loglik"]["accuracy"] <= 1
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.reader(handle))) == 4
+    assert (out / "comparison.png").stat().st_size > 0
+    assert "held-out NLL" in (out / "results.md").read_text()
+
+
+def test_unknown_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    code = main(["compare", str(tiny_model_dir), "--data", "gsm8k", "--task", "ARC-Easy",
+                 "--methods", "dense,adapterX", "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown methods ['adapterX']" in capsys.readouterr().err
