@@ -95,3 +95,14 @@ def test_gpr_that_divides_no_projection_is_a_clear_error(tmp_path, capsys):
     line = one_line_error(*run(capsys, *argv)[::2])
     assert "could be sketched" in line and "gpr=8" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_fails_at_once_when_the_hub_is_unreachable(monkeypatch, capsys):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    line = one_line_error(*run(capsys, "eval", "smollm2-135")[::2])
+    assert "unknown model 'smollm2-135'" in line and "did you mean 'smollm2-135m'" in line

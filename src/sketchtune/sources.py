@@ -8,11 +8,14 @@ bit-exact copy of the original bf16 model. It is converted once into a normal tr
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -66,7 +69,30 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")):
         # Clearly meant as a local path: a hub lookup would only hide the mistake.
         raise SketchtuneError(f"{name_or_path} does not exist")
+    _check_hub_reachable(name_or_path)
     return name_or_path
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail at once, not after a minute of retries, for a hub id that cannot be fetched."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # in the local hub cache: loads offline
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    offline = constants.HF_HUB_OFFLINE
+    if not offline:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            offline = True
+    if offline:
+        close = difflib.get_close_matches(repo_id, list(EMBEDDED_MODELS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SketchtuneError(
+            f"unknown model {repo_id!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            f"not a local folder, and the hub ({host}) cannot be reached{hint}"
+        )
 
 
 def load_dense(
