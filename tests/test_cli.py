@@ -13,7 +13,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_compress_generate_eval_end_to_end(tmp_path, tiny_model_dir, capsys):
+def test_compress_finetune_eval_end_to_end(tmp_path, tiny_model_dir, tiny_task_file, capsys):
     out_dir = tmp_path / "sketched"
     code, out, err = run(
         capsys, "compress", tiny_model_dir, "-o", out_dir, "--bits", 4, "--gpr", 2,
@@ -25,15 +25,28 @@ def test_compress_generate_eval_end_to_end(tmp_path, tiny_model_dir, capsys):
     code, out, err = run(capsys, "generate", out_dir, "--prompt", "hello", "--max-new-tokens", 4)
     assert code == 0, err
 
+    task_dir = tmp_path / "task"
+    code, out, err = run(
+        capsys, "finetune", out_dir, "--data", tiny_task_file, "-o", task_dir, "--max-steps", 4,
+        "--batch-size", 4, "--seq-len", 256, "--lr", 1e-2, "--save-steps", 2,
+    )
+    assert code == 0, err
+    summary = json.loads(out[out.index('{\n  "base"'):])  # after the trainer's log lines
+    assert summary["steps"] == 4 and (task_dir / "loss.png").is_file()
+
     results = tmp_path / "ppl.json"
-    for model in (tiny_model_dir, out_dir):
+    perplexities = []
+    for model, sketch in ((tiny_model_dir, None), (out_dir, None), (out_dir, task_dir)):
+        extra = ["--task-sketch", sketch] if sketch else []
         code, out, err = run(
             capsys, "eval", model, "--task", "ppl", "--samples", 2, "--seq-len", 32,
-            "--output", results,
+            "--output", results, *extra,
         )
         assert code == 0, err
-        saved = json.loads(results.read_text())
+        saved = json.loads(results.read_text())["results"][0]
         assert saved["perplexity"] > 1 and saved["tokens"] == 2 * 31
+        perplexities.append(saved["perplexity"])
+    assert perplexities[2] != perplexities[1]  # the task sketch was applied
 
 
 def one_line_error(code, err):
