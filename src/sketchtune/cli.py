@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+    from .analyze.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
+
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--samples", type=_positive, default=16, help="calibration sequences")
