@@ -15,7 +15,7 @@ if not cpu.available():
     pytest.skip("the CPU extension could not be built here", allow_module_level=True)
 
 ops = torch.ops.sketchtune
-ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12)
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17)
 SETTINGS = list(itertools.product((2, 3, 4), (1, 2, 4, 8)))
 
 
@@ -63,19 +63,22 @@ def group_sizes(bits, gpr):
 def assert_matches_reference(codes, packed, values, bits, x, atol=2e-4):
     grad = torch.randn(*x.shape[:-1], codes.shape[0])
     y = ops.lut_linear(x, packed, values, bits)
-    torch.testing.assert_close(y, reference.lut_linear_forward(x, codes, values), rtol=1e-4,
-                               atol=atol)
+    torch.testing.assert_close(
+        y, reference.lut_linear_forward(x, codes, values), rtol=1e-4, atol=atol
+    )
     dx = ops.lut_linear_input_grad(grad, packed, values, bits)
-    torch.testing.assert_close(dx, reference.lut_linear_input_grad(grad, codes, values),
-                               rtol=1e-4, atol=atol)
+    torch.testing.assert_close(
+        dx, reference.lut_linear_input_grad(grad, codes, values), rtol=1e-4, atol=atol
+    )
     dv = ops.lut_linear_values_grad(grad, x, packed, values, bits)
-    torch.testing.assert_close(dv, reference.lut_linear_values_grad(grad, x, codes, values),
-                               rtol=1e-4, atol=atol)
+    torch.testing.assert_close(
+        dv, reference.lut_linear_values_grad(grad, x, codes, values), rtol=1e-4, atol=atol
+    )
 
 
 @pytest.mark.parametrize("bits,gpr", SETTINGS)
 def test_every_kernel_matches_reference(isa, bits, gpr):
-    # Rows 1..9 cover the GEMV (1-8, in passes of 4) and the tiled GEMM (9 up).
+    # Rows 1..16 take the LUT GEMV (in passes of 4), 17 the tiled dequantize + GEMM.
     for i, size in enumerate(group_sizes(bits, gpr)):
         d_out = (7, 13, 1, 33)[i % 4]
         codes, packed, values = sketch(d_out, size * gpr, bits, gpr, seed=i)
@@ -93,25 +96,28 @@ def test_multi_tile_shapes_and_leading_dims(bits):
     assert_matches_reference(codes, packed, values, bits, x[:1, :3], atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,gpr", [(4, 4), (3, 2), (2, 8)])
 @pytest.mark.parametrize("n", [1, 6, 40])
-def test_bf16_activations(bits, gpr, n):
+def test_half_precision_activations(dtype, bits, gpr, n):
     codes, packed, values = sketch(24, 48 * gpr, bits, gpr, seed=n)
-    x = torch.randn(n, 48 * gpr).bfloat16()
-    grad = torch.randn(n, 24).bfloat16()
+    x = torch.randn(n, 48 * gpr).to(dtype)
+    grad = torch.randn(n, 24).to(dtype)
     y = ops.lut_linear(x, packed, values, bits)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     # The kernels accumulate in fp32: compare with the fp32 reference on the same inputs.
-    torch.testing.assert_close(y.float(), reference.lut_linear_forward(x.float(), codes, values),
-                               rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(
+        y.float(), reference.lut_linear_forward(x.float(), codes, values), rtol=1e-2, atol=2e-2
+    )
     dx = ops.lut_linear_input_grad(grad, packed, values, bits)
-    assert dx.dtype == torch.bfloat16
+    assert dx.dtype == dtype
     expected = reference.lut_linear_input_grad(grad.float(), codes, values)
     torch.testing.assert_close(dx.float(), expected, rtol=1e-2, atol=2e-2)
     dv = ops.lut_linear_values_grad(grad, x, packed, values, bits)
     assert dv.dtype == torch.float32
-    torch.testing.assert_close(dv, reference.lut_linear_values_grad(grad, x, codes, values),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        dv, reference.lut_linear_values_grad(grad, x, codes, values), rtol=1e-4, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("bits,gpr", [(4, 2), (3, 1), (2, 4)])
@@ -132,6 +138,12 @@ def test_autograd_through_the_op_matches_reference(bits, gpr):
         torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-4, atol=1e-3)
 
 
+def test_empty_batch():
+    codes, packed, values = sketch(12, 64, 4, 4)
+    x = torch.randn(0, 64)
+    assert_matches_reference(codes, packed, values, 4, x)
+
+
 def test_values_only_and_input_only_gradients():
     codes, packed, values = sketch(12, 64, 4, 4)
     v = values.clone().requires_grad_(True)
@@ -139,23 +151,26 @@ def test_values_only_and_input_only_gradients():
     assert v.grad is not None and v.grad.shape == values.shape
     x = torch.randn(5, 64, requires_grad=True)
     kernels.lut_linear(x, packed, values, 4).sum().backward()
-    torch.testing.assert_close(x.grad, reference.lut_linear_input_grad(torch.ones(5, 12), codes,
-                                                                       values))
+    torch.testing.assert_close(
+        x.grad, reference.lut_linear_input_grad(torch.ones(5, 12), codes, values)
+    )
 
 
 def test_torch_compile_sees_one_op_with_its_backward():
     codes, packed, values = sketch(16, 32, 4, 2)
     x = torch.randn(3, 32, requires_grad=True)
     v = values.clone().requires_grad_(True)
-    compiled = torch.compile(lambda a, b: ops.lut_linear(a, packed, b, 4).sum(),
-                             backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(
+        lambda a, b: ops.lut_linear(a, packed, b, 4).sum(), backend="aot_eager", fullgraph=True
+    )
     compiled(x, v).backward()
     expected_x = x.grad.clone()
     x.grad = None
     ops.lut_linear(x, packed, v.detach(), 4).sum().backward()
     torch.testing.assert_close(expected_x, x.grad)
-    torch.testing.assert_close(v.grad, reference.lut_linear_values_grad(torch.ones(3, 16), x,
-                                                                        codes, values))
+    torch.testing.assert_close(
+        v.grad, reference.lut_linear_values_grad(torch.ones(3, 16), x, codes, values)
+    )
 
 
 def test_layer_uses_the_fast_op_and_agrees_with_the_reference_path():
@@ -199,3 +214,11 @@ def test_bad_arguments_are_clear_errors():
         ops.lut_linear(torch.randn(2, 16), packed, values, 5)
     with pytest.raises(RuntimeError, match="unavailable"):
         cpu.isa("neon")
+
+
+def test_environment_switch_turns_the_kernels_off_silently(monkeypatch):
+    monkeypatch.setattr(cpu, "_loaded", None)
+    monkeypatch.setenv("SKETCHTUNE_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu.available()

@@ -134,13 +134,15 @@ def test_read_text_file_errors(tmp_path):
 # sources
 
 
-def test_resolve_model_paths_and_hub_ids(tmp_path):
+def test_resolve_model_paths_and_hub_ids(tmp_path, monkeypatch):
     with pytest.raises(SketchtuneError, match="not a model folder"):
         resolve_model(str(tmp_path))
     with pytest.raises(SketchtuneError, match="does not exist"):
         resolve_model(str(tmp_path / "nowhere"))
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path)
+    # With the hub reachable a hub id passes through to transformers unchanged.
+    monkeypatch.setattr("socket.getaddrinfo", lambda *args, **kwargs: [])
     assert resolve_model("some-org/some-model") == "some-org/some-model"
 
 

@@ -13,6 +13,7 @@ class SketchLinear(nn.Module):
     """Drop-in for nn.Linear. State: `codes` (packed uint8 buffer), `values` (fp32 parameter).
 
     Only `values` is meant to train; `bias`, when present, is kept frozen as in the source model.
+    The forward reads the packed codes directly (`kernels.lut_linear`: the C++ op on CPU).
     """
 
     def __init__(

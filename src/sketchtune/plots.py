@@ -11,6 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def _save(fig, out_png: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
 def plot_loss(metrics_jsonl: Path, out_png: Path) -> Path:
     """Training loss against step, from the records of metrics.jsonl that carry a loss."""
     steps, losses = [], []
@@ -24,10 +31,7 @@ def plot_loss(metrics_jsonl: Path, out_png: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png)
 
 
 def plot_comparison(results: dict, out_png: Path) -> Path:
@@ -48,7 +52,4 @@ def plot_comparison(results: dict, out_png: Path) -> Path:
     right.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))], tasks)
     right.set_ylabel("log-likelihood accuracy (95% CI)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png)

@@ -49,7 +49,7 @@ def lut_linear(
     if bits is None:
         return _LutLinear.apply(x, codes, values)
     if _fast_cpu(x, codes):
-        return torch.ops.sketchtune.lut_linear(x, codes, values, bits)
+        return torch.ops.sketchtune.lut_linear.default(x, codes, values, bits)
     return _LutLinear.apply(x, unpacked(codes, bits, x.shape[-1]), values)
 
 

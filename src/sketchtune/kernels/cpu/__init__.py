@@ -29,7 +29,8 @@ def build_directory() -> Path:
 
 
 def available() -> bool:
-    """Build (first time) and load the kernels; False, after one warning, if that fails."""
+    """Build (first time) and load the kernels; False, after one warning, if that fails.
+    `SKETCHTUNE_CPU_KERNELS=0` turns them off (the reference path runs, silently)."""
     global _loaded
     if _loaded is None:
         _loaded = _load()
@@ -44,6 +45,9 @@ def isa(request: str = "") -> str:
 
 def _load() -> bool:
     from torch.utils import cpp_extension
+
+    if os.environ.get("SKETCHTUNE_CPU_KERNELS") == "0":
+        return False
 
     here = Path(__file__).parent
     try:

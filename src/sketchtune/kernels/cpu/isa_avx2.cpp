@@ -1,5 +1,8 @@
-// AVX2 + FMA: 8 codes per chunk. A 16-entry table is two 8-float registers: two vpermps and a
-// blend on the code's top bit; 8-entry (3-bit) and replicated 4-entry (2-bit) tables need one.
+// AVX2 + FMA. 2 and 3 bits: 8 codes per chunk, one vpermps on the 8-entry (or replicated 4-entry)
+// table. 4 bits: 64 codes per chunk through byte planes: the table's 16 floats split into 4
+// 16-byte planes (byte k of every entry), vpshufb looks up 32 codes in a plane, and unpacks
+// reassemble the floats (in a lane order the GEMV's x follows). Where a group has no room for a
+// 64-code chunk, 8-code chunks with two vpermps and a blend on the top bit take over.
 #include "lut_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -8,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
@@ -22,42 +26,104 @@ namespace sketchtune {
 namespace {
 
 struct Avx2 {
-  static constexpr int L = 8, LOAD = 4;
+  static constexpr int W = 8;
   using V = __m256;
-  struct T {
-    __m256 lo, hi;
+
+  template <int BITS>
+  struct Perm {
+    static constexpr int L = 8, LOAD = 4;
+    struct T {
+      __m256 lo, hi;
+    };
+
+    static int lane_column(int lane) { return lane; }
+
+    static T table(const float* v) {
+      if constexpr (BITS == 4) {
+        return {_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)};
+      } else if constexpr (BITS == 3) {
+        return {_mm256_loadu_ps(v), _mm256_setzero_ps()};
+      } else {  // 4 entries twice: vpermps reads 3 index bits, the third belongs to the next code
+        const __m128 q = _mm_loadu_ps(v);
+        return {_mm256_set_m128(q, q), _mm256_setzero_ps()};
+      }
+    }
+
+    static void lookup(const T& t, const uint8_t* p, V* out) {
+      uint32_t w;
+      std::memcpy(&w, p, 4);
+      const __m256i v = _mm256_set1_epi32(static_cast<int>(w));
+      const __m256i idx = _mm256_srlv_epi32(
+          v, _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS,
+                               7 * BITS));
+      if constexpr (BITS == 4) {
+        // Bit 3 of code i moved to bit 31 selects the upper half of the table.
+        const __m256i top = _mm256_sllv_epi32(v, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+        *out = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx),
+                                _mm256_permutevar8x32_ps(t.hi, idx), _mm256_castsi256_ps(top));
+      } else {
+        *out = _mm256_permutevar8x32_ps(t.lo, idx);
+      }
+    }
+
+    static void store(const T& t, const uint8_t* p, float* out) {
+      V w;
+      lookup(t, p, &w);
+      _mm256_storeu_ps(out, w);
+    }
   };
 
-  static int lane_column(int lane) { return lane; }
+  struct Planes {
+    static constexpr int L = 64, LOAD = 32;
+    struct T {
+      __m256i plane[4];  // plane k: byte k of the 16 entries, in both 128-bit halves
+    };
+
+    // out[4h + q] lane i holds the code in nibble h of byte 16 (i / 4) + 4 q + i % 4.
+    static int lane_column(int lane) {
+      const int j = lane / 8, i = lane % 8;
+      return 2 * (16 * (i / 4) + 4 * (j % 4) + i % 4) + j / 4;
+    }
+
+    static T table(const float* v) {
+      const __m128i bytes = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      __m128i q[4];
+      for (int i = 0; i < 4; ++i)
+        q[i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 4 * i)),
+                                bytes);
+      // q[i] dword k = byte k of entries 4i..4i+3: transpose the 4 x 4 dwords.
+      const __m128i t0 = _mm_unpacklo_epi32(q[0], q[1]), t1 = _mm_unpacklo_epi32(q[2], q[3]);
+      const __m128i t2 = _mm_unpackhi_epi32(q[0], q[1]), t3 = _mm_unpackhi_epi32(q[2], q[3]);
+      return {{_mm256_broadcastsi128_si256(_mm_unpacklo_epi64(t0, t1)),
+               _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(t0, t1)),
+               _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(t2, t3)),
+               _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(t2, t3))}};
+    }
+
+    static void lookup(const T& t, const uint8_t* p, V* out) {
+      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i idx[2] = {_mm256_and_si256(c, nibble),
+                              _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], idx[h]);
+        const __m256i b1 = _mm256_shuffle_epi8(t.plane[1], idx[h]);
+        const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], idx[h]);
+        const __m256i b3 = _mm256_shuffle_epi8(t.plane[3], idx[h]);
+        const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+        out[4 * h + 0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+        out[4 * h + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+        out[4 * h + 2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+        out[4 * h + 3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+      }
+    }
+  };
 
   template <int BITS>
-  static T table(const float* v) {
-    if constexpr (BITS == 4) {
-      return {_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)};
-    } else if constexpr (BITS == 3) {
-      return {_mm256_loadu_ps(v), _mm256_setzero_ps()};
-    } else {  // 4 entries twice: vpermps reads 3 index bits, the third belongs to the next code
-      const __m128 q = _mm_loadu_ps(v);
-      return {_mm256_set_m128(q, q), _mm256_setzero_ps()};
-    }
-  }
-
+  using Big = std::conditional_t<BITS == 4, Planes, Perm<BITS>>;
   template <int BITS>
-  static V lookup(const T& t, const uint8_t* p) {
-    uint32_t w;
-    std::memcpy(&w, p, 4);
-    const __m256i v = _mm256_set1_epi32(static_cast<int>(w));
-    const __m256i idx = _mm256_srlv_epi32(
-        v, _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS));
-    if constexpr (BITS == 4) {
-      // Bit 3 of code i moved to bit 31 selects the upper half of the table.
-      const __m256i top = _mm256_sllv_epi32(v, _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
-      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx),
-                              _mm256_permutevar8x32_ps(t.hi, idx), _mm256_castsi256_ps(top));
-    } else {
-      return _mm256_permutevar8x32_ps(t.lo, idx);
-    }
-  }
+  using Small = std::conditional_t<BITS == 4, Perm<4>, NoChunk>;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -69,7 +135,6 @@ struct Avx2 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 
 }  // namespace

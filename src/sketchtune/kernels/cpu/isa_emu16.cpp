@@ -6,31 +6,43 @@ namespace sketchtune {
 namespace {
 
 struct Emu16 {
-  static constexpr int L = 16, LOAD = 8;
+  static constexpr int W = 16;
   struct V {
     float v[16];
   };
-  using T = V;
-
-  static int lane_column(int lane) { return lane / 2 + 8 * (lane % 2); }
 
   template <int BITS>
-  static T table(const float* values) {
-    T t;
-    for (int i = 0; i < 16; ++i) t.v[i] = values[i % (1 << BITS)];
-    return t;
-  }
+  struct Chunk {
+    static constexpr int L = 16, LOAD = 8;
+    using T = V;
 
-  template <int BITS>
-  static V lookup(const T& t, const uint8_t* p) {
-    const uint64_t pair = chunk_pair<BITS>(p);
-    V out;
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t half = static_cast<uint32_t>(pair >> (32 * (i % 2)));
-      out.v[i] = t.v[(half >> (BITS * (i / 2))) & 15];
+    static int lane_column(int lane) { return lane / 2 + 8 * (lane % 2); }
+
+    static T table(const float* values) {
+      T t;
+      for (int i = 0; i < 16; ++i) t.v[i] = values[i % (1 << BITS)];
+      return t;
     }
-    return out;
-  }
+
+    static void lookup(const T& t, const uint8_t* p, V* out) {
+      const uint64_t pair = chunk_pair<BITS>(p);
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t half = static_cast<uint32_t>(pair >> (32 * (i % 2)));
+        out->v[i] = t.v[(half >> (BITS * (i / 2))) & 15];
+      }
+    }
+
+    static void store(const T& t, const uint8_t* p, float* out) {
+      V w;
+      lookup(t, p, &w);
+      for (int i = 0; i < 16; ++i) out[lane_column(i)] = w.v[i];
+    }
+  };
+
+  template <int BITS>
+  using Big = Chunk<BITS>;
+  template <int BITS>
+  using Small = NoChunk;
 
   static V zero() { return V{}; }
   static V load(const float* p) {
@@ -52,9 +64,6 @@ struct Emu16 {
     float s = 0.0f;
     for (float v : a.v) s += v;
     return s;
-  }
-  static void store(float* p, const V& a) {
-    for (int i = 0; i < 16; ++i) p[lane_column(i)] = a.v[i];
   }
 };
 

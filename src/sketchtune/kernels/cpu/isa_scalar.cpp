@@ -5,12 +5,15 @@ namespace sketchtune {
 namespace {
 
 struct Scalar {
-  static constexpr int L = 1, LOAD = 1;
+  static constexpr int W = 1;
   using V = float;
+  template <int BITS>
+  using Big = NoChunk;
+  template <int BITS>
+  using Small = NoChunk;
   static V zero() { return 0.0f; }
   static V add(V a, V b) { return a + b; }
   static float hsum(V v) { return v; }
-  static int lane_column(int lane) { return lane; }
 };
 
 template <int BITS>

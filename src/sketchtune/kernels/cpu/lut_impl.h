@@ -1,20 +1,30 @@
 // Kernel templates shared by the ISA files. Each ISA file includes this after its target pragma,
 // so everything here has internal linkage: no copy compiled for one ISA can stand in for another.
 //
-// An ISA type I provides: L (codes per chunk), LOAD (bytes a chunk load may touch), vector type V,
-// table type T, table<BITS>(values), lookup<BITS>(table, chunk bytes) -> V in lane order,
-// zero/load/fma/add/hsum, store (back to column order) and lane_column(lane). L == 1 means no
-// vector body: the scalar loops below do all the work.
+// An ISA type I provides the vector type V of W floats (zero, load, fma, add, hsum) and, per bit
+// width, two chunk policies: Big<BITS> for the GEMV body and Small<BITS> (natural column order)
+// for the stretches of a group too short or misaligned for a big chunk; NoChunk where absent.
+// A chunk policy P turns the bytes of P::L codes, starting at a column that is a multiple of
+// P::L, into P::L / W vectors of weights:
+//   L, LOAD (bytes a read may touch), T (its table), table(values), lookup(t, bytes, out[]),
+//   lane_column(i) (column of the i-th weight of out[] within the chunk), store(t, bytes, out)
+//   (the L weights in column order; needed of the policy that dequantize uses).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lut_kernels.h"
 
 namespace sketchtune {
 namespace {
+
+struct NoChunk {
+  static constexpr int L = 0, LOAD = 0;
+  static int lane_column(int lane) { return lane; }
+};
 
 template <int BITS>
 inline int code_at(const uint8_t* row, int64_t c) {
@@ -55,59 +65,107 @@ inline void scalar_dequant(const uint8_t* row, const float* table, int64_t c0, i
   for (int64_t c = c0; c < c1; ++c) out[c - c0] = table[code_at<BITS>(row, c)];
 }
 
-// The chunk-aligned range [b0, b1) inside [c0, c1) whose loads stay inside the codes buffer
-// (bytes_left: bytes from the row's start to the buffer's end). Columns outside it go scalar.
-template <class I, int BITS>
-inline void body_range(int64_t c0, int64_t c1, int64_t bytes_left, int64_t& b0, int64_t& b1) {
-  if constexpr (I::L == 1) {
-    b0 = b1 = c1;
-    return;
+// How [c0, c1) is covered: scalar [c0, s0), small [s0, b0), big [b0, b1), small [b1, s1),
+// scalar [s1, c1). A chunk is used only if its reads stay within `bytes_left` of the row start.
+struct Split {
+  int64_t s0, b0, b1, s1;
+};
+
+template <class Big, class Small, int BITS>
+inline Split split(int64_t c0, int64_t c1, int64_t bytes_left) {
+  constexpr int B = Big::L, S = Small::L, A = S ? S : B;
+  if constexpr (A == 0) {
+    return {c1, c1, c1, c1};
+  } else {
+    // last start column of a chunk of n codes that reads at most `load` bytes
+    auto last = [&](int n, int load) {
+      const int64_t by_bytes = bytes_left >= load ? (bytes_left - load) * 8 / BITS : -1;
+      return std::min(c1 - n, by_bytes);
+    };
+    auto count = [](int64_t c, int64_t lim, int n) { return c <= lim ? (lim - c) / n + 1 : 0; };
+    const int64_t s0 = std::min(c1, (c0 + A - 1) / A * A);
+    int64_t b0 = s0;
+    if constexpr (S > 0) {
+      const int64_t lim = last(S, Small::LOAD);
+      const int64_t target = B ? (s0 + B - 1) / B * B : s0;
+      b0 = s0 + std::min(count(s0, lim, S), (target - s0) / S) * S;
+    }
+    int64_t b1 = b0;
+    if constexpr (B > 0)
+      if (b0 % B == 0) b1 = b0 + count(b0, last(B, Big::LOAD), B) * B;
+    int64_t s1 = b1;
+    if constexpr (S > 0) s1 = b1 + count(b1, last(S, Small::LOAD), S) * S;
+    return {s0, b0, b1, s1};
   }
-  b0 = (c0 + I::L - 1) / I::L * I::L;
-  b1 = c1 / I::L * I::L;
-  while (b1 > b0 && (b1 - I::L) * BITS / 8 + I::LOAD > bytes_left) b1 -= I::L;
-  if (b1 <= b0) b0 = b1 = c1;
+}
+
+// acc += weights of chunks in [c0, c1) times x (x in P's lane order), NB activation rows.
+template <class I, class P, int BITS, int NB, int NACC>
+inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x, int64_t d_in,
+                      int64_t c0, int64_t c1, typename I::V (&out)[NACC][NB]) {
+  using V = typename I::V;
+  constexpr int VPC = P::L / I::W;                // vectors per chunk
+  constexpr int U = VPC >= NACC ? 1 : NACC / VPC;  // chunks per step: NACC independent chains
+  constexpr int BYTES = P::L * BITS / 8;
+  const uint8_t* p = row + ((c0 * BITS) >> 3);
+  const float* xc = x + c0;
+  V acc[NACC][NB];  // a local copy the compiler keeps in registers
+  for (int k = 0; k < NACC; ++k)
+    for (int b = 0; b < NB; ++b) acc[k][b] = out[k][b];
+  int64_t c = c0;
+  for (; c + U * P::L <= c1; c += U * P::L, p += U * BYTES, xc += U * P::L) {
+    for (int u = 0; u < U; ++u) {
+      V w[VPC];
+      P::lookup(t, p + u * BYTES, w);
+      for (int j = 0; j < VPC; ++j) {
+        const int k = (u * VPC + j) % NACC;
+        for (int b = 0; b < NB; ++b)
+          acc[k][b] = I::fma(w[j], I::load(xc + b * d_in + u * P::L + j * I::W), acc[k][b]);
+      }
+    }
+  }
+  for (int k = 0; k < NACC; ++k)
+    for (int b = 0; b < NB; ++b) out[k][b] = acc[k][b];
+  for (; c < c1; c += P::L, p += BYTES, xc += P::L) {  // fewer than U chunks left
+    V w[VPC];
+    P::lookup(t, p, w);
+    for (int j = 0; j < VPC; ++j)
+      for (int b = 0; b < NB; ++b)
+        out[j % NACC][b] = I::fma(w[j], I::load(xc + b * d_in + j * I::W), out[j % NACC][b]);
+  }
 }
 
 template <class I, int BITS, int NB>
 void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   using V = typename I::V;
-  constexpr int L = I::L, K = 1 << BITS;
-  constexpr int U = NB == 1 ? 4 : (NB == 2 ? 2 : 1);  // independent accumulators hide FMA latency
+  using Big = typename I::template Big<BITS>;
+  using Small = typename I::template Small<BITS>;
+  constexpr int K = 1 << BITS;
+  constexpr int NACC = NB >= 4 ? 1 : 4 / NB;  // FMA chains per activation row: 4 or more in all
   const int64_t n = s.d_in, group = s.group(), rb = s.row_bytes();
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = s.codes + r * rb;
-    V acc[U][NB];
-    for (auto& au : acc)
-      for (auto& v : au) v = I::zero();
+    V acc[NACC][NB];
+    for (auto& chain : acc)
+      for (auto& v : chain) v = I::zero();
     float rest[NB] = {};
     for (int64_t g = 0; g < s.gpr; ++g) {
       const float* table = s.values + (r * s.gpr + g) * K;
       const int64_t c0 = g * group, c1 = c0 + group;
-      int64_t b0, b1;
-      body_range<I, BITS>(c0, c1, (s.d_out - r) * rb, b0, b1);
-      scalar_dot<BITS, NB>(row, table, a.x, n, c0, b0, rest);
-      if constexpr (L > 1) {
-        const auto t = I::template table<BITS>(table);
-        const float* xl = a.x_lane;
-        int64_t c = b0;
-        for (; c + U * L <= b1; c += U * L) {
-          for (int u = 0; u < U; ++u) {
-            const V w = I::template lookup<BITS>(t, row + (c + u * L) * BITS / 8);
-            for (int b = 0; b < NB; ++b)
-              acc[u][b] = I::fma(w, I::load(xl + b * n + c + u * L), acc[u][b]);
-          }
-        }
-        for (; c < b1; c += L) {
-          const V w = I::template lookup<BITS>(t, row + c * BITS / 8);
-          for (int b = 0; b < NB; ++b) acc[0][b] = I::fma(w, I::load(xl + b * n + c), acc[0][b]);
-        }
+      const Split sp = split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb);
+      scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.s0, rest);
+      if constexpr (Small::L > 0) {
+        const auto t = Small::table(table);
+        chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.s0, sp.b0, acc);
+        chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.b1, sp.s1, acc);
       }
-      scalar_dot<BITS, NB>(row, table, a.x, n, b1, c1, rest);
+      if constexpr (Big::L > 0)
+        chunk_dot<I, Big, BITS, NB>(Big::table(table), row, a.x_lane, n, sp.b0, sp.b1, acc);
+      scalar_dot<BITS, NB>(row, table, a.x, n, sp.s1, c1, rest);
     }
     for (int b = 0; b < NB; ++b) {
       V sum = acc[0][b];
-      for (int u = 1; u < U; ++u) sum = I::add(sum, acc[u][b]);
+      for (int k = 1; k < NACC; ++k) sum = I::add(sum, acc[k][b]);
       a.y[b * a.ldy + r] = I::hsum(sum) + rest[b];
     }
   }
@@ -116,23 +174,23 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
 template <class I, int BITS>
 void dequant_rows(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                   int64_t ldo) {
-  constexpr int L = I::L, K = 1 << BITS;
+  using Small = typename I::template Small<BITS>;
+  using P = std::conditional_t<(Small::L > 0), Small, typename I::template Big<BITS>>;
+  constexpr int K = 1 << BITS;
   const int64_t group = s.group(), rb = s.row_bytes();
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = s.codes + r * rb;
-    float* o = out + (r - r0) * ldo;
+    float* o = out + (r - r0) * ldo - c0;  // o[c]: column c
     for (int64_t g = c0 / group; g * group < c1; ++g) {
       const float* table = s.values + (r * s.gpr + g) * K;
       const int64_t lo = std::max(c0, g * group), hi = std::min(c1, (g + 1) * group);
-      int64_t b0, b1;
-      body_range<I, BITS>(lo, hi, (s.d_out - r) * rb, b0, b1);
-      scalar_dequant<BITS>(row, table, lo, b0, o + (lo - c0));
-      if constexpr (L > 1) {
-        const auto t = I::template table<BITS>(table);
-        for (int64_t c = b0; c < b1; c += L)
-          I::store(o + (c - c0), I::template lookup<BITS>(t, row + c * BITS / 8));
+      const Split sp = split<P, NoChunk, BITS>(lo, hi, (s.d_out - r) * rb);
+      scalar_dequant<BITS>(row, table, lo, sp.b0, o + lo);
+      if constexpr (P::L > 0) {
+        const auto t = P::table(table);
+        for (int64_t c = sp.b0; c < sp.b1; c += P::L) P::store(t, row + ((c * BITS) >> 3), o + c);
       }
-      scalar_dequant<BITS>(row, table, b1, hi, o + (b1 - c0));
+      scalar_dequant<BITS>(row, table, sp.b1, hi, o + sp.b1);
     }
   }
 }
@@ -167,11 +225,22 @@ void dequant(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1, fl
   }
 }
 
+template <class P>
+const int* lane_columns() {
+  static int columns[P::L > 0 ? P::L : 1] = {};
+  for (int i = 0; i < P::L; ++i) columns[i] = P::lane_column(i);
+  return columns;
+}
+
 template <class I>
 const Kernels* make_kernels(const char* name) {
-  static int columns[I::L];
-  for (int lane = 0; lane < I::L; ++lane) columns[lane] = I::lane_column(lane);
-  static const Kernels k{name, I::L, columns, &gemv<I>, &dequant<I>};
+  static const Kernels k{
+      name,
+      {0, 0, I::template Big<2>::L, I::template Big<3>::L, I::template Big<4>::L},
+      {nullptr, nullptr, lane_columns<typename I::template Big<2>>(),
+       lane_columns<typename I::template Big<3>>(), lane_columns<typename I::template Big<4>>()},
+      &gemv<I>,
+      &dequant<I>};
   return &k;
 }
 

@@ -30,8 +30,10 @@ constexpr int kGemvRows = 4;
 
 struct Kernels {
   const char* name;
-  int lanes;                        // codes per SIMD chunk (1: no vector body)
-  const int* lane_column;           // lane_column[lane]: column of that lane within a chunk
+  // For bits 2..4: codes per GEMV body chunk (0: none), and the column within its chunk of each
+  // weight the chunk's lookup yields: x_lane holds x reordered so within every whole chunk.
+  int chunk[5];
+  const int* lane_column[5];
   // y[:, r0:r1] = x Ŵ[r0:r1]ᵀ, reading codes and tables directly.
   void (*gemv)(const Sketch&, const GemvArgs&, int64_t r0, int64_t r1);
   // out[r - r0, c - c0] = Ŵ[r, c] for r in [r0, r1), c in [c0, c1); row stride ldo.

@@ -16,8 +16,8 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kGemvMaxRows = 8;      // up to here the LUT GEMV beats dequantize + GEMM
-constexpr int64_t kTileFloats = 1 << 20;  // one dequantized tile: 4 MiB, a slice of L2 + L3
+constexpr int64_t kGemvMaxRows = 16;  // up to here the LUT GEMV (4 rows a pass) beats tiles
+constexpr int64_t kTileFloats = 1 << 22;  // one dequantized tile: 16 MiB, within L3
 constexpr int64_t kGrainWeights = 1 << 14;  // weights per task below which threads do not pay
 
 std::atomic<const Kernels*> g_kernels{nullptr};
@@ -93,38 +93,58 @@ int64_t tile_extent(int64_t other, int64_t full) {
   return std::min(n, full);
 }
 
+// fn(r0, r1) over [begin, end) in blocks of `grain` rows handed out on demand, so that a thread
+// that starts late (the machine is shared) takes fewer blocks instead of holding the rest up.
+template <class F>
+void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const int64_t blocks = (end - begin + grain - 1) / grain;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (end > begin) fn(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next++; b < blocks; b = next++)
+      fn(begin + b * grain, std::min(end, begin + (b + 1) * grain));
+  });
+}
+
 void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                       float* out, int64_t ldo) {
   const Kernels& k = kernels();
-  at::parallel_for(r0, r1, grain_rows(c1 - c0), [&](int64_t b, int64_t e) {
+  parallel_rows(r0, r1, grain_rows(c1 - c0), [&](int64_t b, int64_t e) {
     k.dequant(s, b, e, c0, c1, out + (b - r0) * ldo, ldo);
   });
 }
 
 // x (n, d_in) with every whole chunk's columns reordered into the kernels' lane order.
-Tensor lane_order(const Kernels& k, const Tensor& x) {
+Tensor lane_order(const Kernels& k, int64_t bits, const Tensor& x) {
+  const int64_t L = k.chunk[bits];
+  const int* column = k.lane_column[bits];
   bool natural = true;
-  for (int lane = 0; lane < k.lanes; ++lane) natural = natural && k.lane_column[lane] == lane;
+  for (int64_t lane = 0; lane < L; ++lane) natural = natural && column[lane] == lane;
   if (natural) return x;
   Tensor out = x.clone();
-  const int64_t n = x.size(0), d_in = x.size(1), L = k.lanes;
+  const int64_t n = x.size(0), d_in = x.size(1);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   for (int64_t b = 0; b < n; ++b)
     for (int64_t c = 0; c + L <= d_in; c += L)
       for (int64_t lane = 0; lane < L; ++lane)
-        dst[b * d_in + c + lane] = src[b * d_in + c + k.lane_column[lane]];
+        dst[b * d_in + c + lane] = src[b * d_in + c + column[lane]];
   return out;
 }
 
 void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
   const Kernels& k = kernels();
-  const Tensor xl = lane_order(k, x);
   const int64_t n = x.size(0);
+  if (n == 0) return;
+  const Tensor xl = lane_order(k, s.bits, x);
   const float* xp = x.data_ptr<float>();
   const float* xlp = xl.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, s.d_out, grain_rows(s.d_in * n), [&](int64_t r0, int64_t r1) {
+  parallel_rows(0, s.d_out, grain_rows(s.d_in * n), [&](int64_t r0, int64_t r1) {
     for (int64_t b = 0; b < n; b += kGemvRows) {
       const GemvArgs a{xp + b * s.d_in, xlp + b * s.d_in, yp + b * s.d_out,
                        std::min<int64_t>(kGemvRows, n - b), s.d_out};
@@ -197,7 +217,7 @@ Tensor lut_linear_values_grad_cpu(const Tensor& grad_out, const Tensor& x, const
     Tensor tile = dw.narrow(0, 0, n);
     at::mm_out(tile, g.narrow(1, r0, n).t(), x2);
     const float* dwp = dw.data_ptr<float>();
-    at::parallel_for(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
+    parallel_rows(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
       bin_rows(s, dwp + (b - r0) * d_in, d_in, b, e, gp);
     });
   }
@@ -244,6 +264,10 @@ class LutLinearFunction : public torch::autograd::Function<LutLinearFunction> {
 
 Tensor lut_linear_autograd(const Tensor& x, const Tensor& codes, const Tensor& values,
                            int64_t bits) {
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView below;  // inference: no graph to record
+    return forward_op().call(x, codes, values, bits);
+  }
   return LutLinearFunction::apply(x, codes, values, bits);
 }
 

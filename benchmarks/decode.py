@@ -1,0 +1,211 @@
+"""Issue-5 end-to-end targets on SmolLM2-135M: greedy decode tokens/s and a training step.
+
+Variants: the dense fp32 model; the sketched model as loaded (lm_head = the fp32 tied embedding);
+the sketched model with lm_head in bf16; the sketched model with lm_head itself sketched to 4 bits
+(equal-count quantile tables, for speed only: it changes the model's outputs). The tokens per
+second are the median over --repeats decodes of --new-tokens tokens (always that many: no stop at
+EOS). A profile of a short decode says where the sketched model's time goes. Then a training
+step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast kernels and
+through the reference path: median time and peak resident memory above the step's baseline.
+
+    .venv/bin/python benchmarks/decode.py [--sketched DIR] [--new-tokens 128] [--repeats 3]
+
+Without --sketched: /tmp/smol-g4 if it has a config.json, else /tmp/smol-sketch, made with
+`.venv/bin/sketchtune compress smollm2-135m -o /tmp/smol-sketch --samples 8 --seq-len 256`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import os
+import statistics
+import threading
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sketchtune import kernels
+from sketchtune.api import load_any
+from sketchtune.format import SketchedWeight
+from sketchtune.kernels import cpu
+from sketchtune.layers import SketchLinear
+
+PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
+
+
+class Bf16Head(nn.Module):
+    """lm_head with a bf16 weight: fp32 hidden states in, fp32 logits out."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().bfloat16())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.bfloat16(), self.weight).float()
+
+
+def quantile_sketch(weight: torch.Tensor, bits: int = 4, gpr: int = 4) -> SketchLinear:
+    """A data-free sketch: each (row, group) table holds the means of equal-count sorted bins."""
+    d_out, d_in = weight.shape
+    k = 1 << bits
+    codes = torch.empty(d_out, d_in, dtype=torch.uint8)
+    values = torch.empty(d_out, gpr, k)
+    for r0 in range(0, d_out, 4096):  # (rows, gpr, group) at a time keeps the argmin small
+        w = weight[r0 : r0 + 4096].detach().float().reshape(-1, gpr, d_in // gpr)
+        ordered = w.sort(-1).values
+        edges = torch.linspace(0, ordered.shape[-1], k + 1).round().long().tolist()
+        table = torch.stack([ordered[..., a:b].mean(-1) for a, b in pairwise(edges)], -1)
+        values[r0 : r0 + 4096] = table
+        nearest = (w.unsqueeze(-1) - table.unsqueeze(-2)).abs().argmin(-1)
+        codes[r0 : r0 + 4096] = nearest.reshape(-1, d_in).to(torch.uint8)
+    return SketchLinear.from_sketch(SketchedWeight.from_codes(codes, values, bits))
+
+
+def decode_seconds(model, inputs, new_tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
+    return elapsed
+
+
+def tokens_per_second(model, inputs, new_tokens: int, repeats: int) -> float:
+    decode_seconds(model, inputs, 8)  # warm-up: allocations, first kernel calls
+    return new_tokens / statistics.median(
+        decode_seconds(model, inputs, new_tokens) for _ in range(repeats)
+    )
+
+
+def profile(model, inputs, new_tokens: int = 16) -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        decode_seconds(model, inputs, new_tokens)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_above_baseline(fn) -> int:
+    """Peak resident memory while fn runs, minus the resident memory before it (sampled)."""
+    gc.collect()
+    base, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], resident_bytes()) - base
+
+
+def train_step_report(model, repeats: int) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".values"))
+    model.train()
+    ids = torch.randint(
+        0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0)
+    )
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    results = {}
+    for path in ("fast", "reference"):
+        context = kernels.reference_only() if path == "reference" else contextlib.nullcontext()
+        with context:
+            step()  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            results[path] = (statistics.median(times), peak_rss_above_baseline(step))
+    for path, (seconds, peak) in results.items():
+        print(f"train step 8x128, {path:9s} {seconds * 1e3:8.1f} ms  peak +{peak / 2**20:7.1f} MiB")
+    print(f"train step speed-up {results['reference'][0] / results['fast'][0]:.2f}x")
+
+
+def default_sketched() -> str:
+    for folder in ("/tmp/smol-g4", "/tmp/smol-sketch"):
+        if (Path(folder) / "config.json").is_file():
+            return folder
+    raise SystemExit("no sketched SmolLM2 folder: pass --sketched or run sketchtune compress")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sketched", default=None)
+    parser.add_argument("--dense", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sketched_dir = args.sketched or default_sketched()
+    print(
+        f"threads {torch.get_num_threads()}, CPU kernels "
+        f"{cpu.isa() if cpu.available() else 'unavailable'}, sketched model {sketched_dir}"
+    )
+
+    dense, tokenizer = load_any(args.dense)
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    rates = {"dense fp32": tokens_per_second(dense.eval(), inputs, args.new_tokens, args.repeats)}
+    head_weight = dense.get_output_embeddings().weight
+    del dense
+
+    sketched, _ = load_any(sketched_dir)
+    sketched.eval()
+    variants = {"sketched, lm_head fp32": sketched}
+    bf16_head = copy.deepcopy(sketched)
+    bf16_head.lm_head = Bf16Head(head_weight)
+    variants["sketched, lm_head bf16"] = bf16_head
+    sketched_head = copy.deepcopy(sketched)
+    sketched_head.lm_head = quantile_sketch(head_weight)
+    variants["sketched, lm_head sketched (speed only)"] = sketched_head
+    for name, model in variants.items():
+        rates[name] = tokens_per_second(model, inputs, args.new_tokens, args.repeats)
+
+    base = rates["dense fp32"]
+    for name, rate in rates.items():
+        print(
+            f"{name:42s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  "
+            f"{rate / base:5.2f}x dense fp32"
+        )
+    if not args.no_profile:
+        print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
+        profile(sketched_head, inputs)
+    if not args.no_train:
+        del bf16_head, sketched_head
+        train_step_report(sketched, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
