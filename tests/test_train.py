@@ -121,3 +121,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     kept = tmp_path / "task.run" / "checkpoints" / "checkpoint-2"
     assert torch.isfinite(load_task_sketch(kept).values[next(iter(
         load_task_sketch(kept).values))]).all()
+
+
+def test_gradient_checkpointing_gives_the_same_values(sketched_tiny_dir, tiny_task_file, tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc-{checkpointing}"
+        config = FinetuneConfig(max_steps=2, lr=1e-2, gradient_checkpointing=checkpointing, **FAST)
+        finetune(sketched_tiny_dir, str(tiny_task_file), out, config, progress=False)
+        runs[checkpointing] = load_file(out / "values.safetensors")
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("tokens_per_second" in r for r in records)
+    for name, tensor in runs[False].items():
+        torch.testing.assert_close(runs[True][name], tensor, rtol=1e-5, atol=1e-6)

@@ -112,7 +112,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.output_dir), samples=args.samples, seq_len=args.seq_len, steps=args.steps)
+    run_demo(Path(args.output_dir), args.samples, args.seq_len, args.steps, args.limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--samples", type=_positive, default=16, help="calibration sequences")
     p.add_argument("--seq-len", type=_positive, default=512)
-    p.add_argument("--steps", type=_positive, default=60, help="fine-tuning steps per method")
+    p.add_argument("--steps", type=_positive, default=40, help="fine-tuning steps per method")
+    p.add_argument("--limit", type=_positive, default=100, help="held-out test items")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -22,7 +22,9 @@ DEMO_MODEL = "smollm2-135m"
 DEMO_PROMPT = "What is the capital of France?"
 
 
-def run_demo(output_dir: Path, samples: int = 16, seq_len: int = 512, steps: int = 60) -> dict:
+def run_demo(
+    output_dir: Path, samples: int = 16, seq_len: int = 512, steps: int = 40, limit: int = 100
+) -> dict:
     sketch_dir = output_dir / "smollm2-135m-sketch"
     print(f"[1/3] compressing {DEMO_MODEL} -> {sketch_dir}", flush=True)
     summary = compress_to_folder(
@@ -43,7 +45,7 @@ def run_demo(output_dir: Path, samples: int = 16, seq_len: int = 512, steps: int
           "evaluating on held-out ARC-Easy test items", flush=True)
     config = CompareConfig(
         model=DEMO_MODEL, data="ARC-Easy", tasks=["ARC-Easy"], methods=["dense", "sketch", "lora"],
-        steps=steps, limit=200, nll_limit=200, sketched=str(sketch_dir),
+        steps=steps, limit=limit, nll_limit=limit, sketched=str(sketch_dir),
     )
     comparison = compare(config, output_dir / "comparison", force=True)
     results["comparison"] = comparison["rows"]

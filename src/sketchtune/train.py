@@ -93,7 +93,11 @@ class SketchTrainer(Trainer):
 
 
 class MetricsLog(TrainerCallback):
-    """Appends every logged step (loss, lr, tokens/s) to metrics.jsonl."""
+    """Appends every logged step (loss, lr, tokens/s) to metrics.jsonl.
+
+    It runs before the progress callback (which Trainer adds last), so the tokens/s it adds to
+    `logs` also shows on the progress bar.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -103,10 +107,10 @@ class MetricsLog(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         now, tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
         if self._last is not None and now > self._last[0]:
-            record["tokens_per_second"] = (tokens - self._last[1]) * 1.0 / (now - self._last[0])
+            logs["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
         self._last = (now, tokens)
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
