@@ -33,6 +33,8 @@ def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
     ratio = rows["sketch"]["trainable_parameters"] / rows["lora"]["trainable_parameters"]
     assert 0.8 < ratio < 1.25
     assert rows["sketch"]["base_bytes"] < rows["lora"]["base_bytes"]
+    assert rows["dense"]["trainable_parameters"] == 0
+    assert rows["dense"]["base_bytes"] == rows["lora"]["base_bytes"]
     for row in rows.values():
         assert row["heldout_nll"] > 0
         assert 0 <= row["tasks"]["ARC-Easy"]["loglik"]["accuracy"] <= 1

@@ -81,7 +81,8 @@ def _build(method: str, cfg: CompareConfig):
         freeze_all_but_values(model)
         return model, tokenizer, cfg.lr_sketch
     model, tokenizer = load_dense(cfg.model)
-    if method == "dense":
+    if method == "dense":  # untuned: nothing trains, all of it is base
+        model.requires_grad_(False)
         return model, tokenizer, 0.0
     if method == "sketch":
         compress(model, tokenizer, SketchConfig(bits=cfg.bits, gpr=cfg.gpr),
