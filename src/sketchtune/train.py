@@ -252,7 +252,8 @@ def finetune(
                     "or --force to start over"
                 )
             shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:  # other ranks never touch the run folder (no race with the checks above)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_sketched(base)
     from transformers import AutoTokenizer
