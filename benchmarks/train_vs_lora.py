@@ -46,14 +46,13 @@ def fixed_batches(tokenizer, steps: int) -> list[dict]:
 
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(model bytes: parameters, buffers and cached unpacked codes; optimizer state bytes)."""
+    """(model bytes: parameters and buffers, each storage once; optimizer state bytes).
+
+    SketchLinear keeps no unpacked copy of its codes (the CPU op reads the packed ones), so
+    parameters and buffers are all a sketched model holds.
+    """
     seen, model_bytes = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():
-        cached = getattr(module, "_unpacked", None)
-        if cached is not None:
-            tensors.append(cached[1])
-    for t in tensors:
+    for t in list(model.parameters()) + list(model.buffers()):
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
