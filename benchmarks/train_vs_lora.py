@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -82,6 +81,7 @@ def adapter_file_bytes(method: str, model) -> int:
 def worker(method: str, sketch_dir: str, steps: int, rank: int) -> dict:
     from sketchtune.api import load
     from sketchtune.baselines import lora_model, qlora_style_model
+    from sketchtune.memory import peak_rss_bytes
     from sketchtune.sources import load_dense
     from sketchtune.train import freeze_all_but_values
 
@@ -119,7 +119,7 @@ def worker(method: str, sketch_dir: str, steps: int, rank: int) -> dict:
         "model_bytes": model_bytes,
         "optimizer_bytes": opt_bytes,
         "held_bytes": model_bytes + opt_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "adapter_file_bytes": adapter_file_bytes(method, model),
         "losses": losses,
     }

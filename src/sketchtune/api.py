@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from .compression import SketchConfig, compress_model
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
-from .sources import load_dense
+from .memory import peak_rss_bytes
+from .sources import load_dense, open_source_streaming
 from .task_sketch import apply_task_sketch, load_task_sketch
 
 
@@ -59,13 +61,18 @@ def compress(
     seed: int = 0,
     batch_size: int = 4,
     progress: bool = True,
+    before_block: Callable[[int], None] | None = None,
 ) -> PreTrainedModel:
-    """Sketch `model` in place from calibration `texts` (default: the shipped calibration text)."""
+    """Sketch `model` in place from calibration `texts` (default: the shipped calibration text).
+    `before_block` is `compress_model`'s hook (streaming fills each block there)."""
     config = config or SketchConfig()
     windows = None
     if config.data_aware:
         windows = token_windows(tokenizer, texts or calibration_texts(), samples, seq_len, seed)
-    compress_model(model, windows, config, batch_size=batch_size, progress=progress)
+    compress_model(
+        model, windows, config, batch_size=batch_size, progress=progress,
+        before_block=before_block,
+    )
     return model
 
 
@@ -80,13 +87,28 @@ def compress_to_folder(
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Load `source`, sketch it and save it to `output`. Returns a summary with timings."""
+    """Sketch `source` into `output`. Returns a summary with timings.
+
+    Safetensors sources are streamed: only the embeddings, the head and the block being sketched
+    are ever dense in memory. Others are loaded whole first.
+    """
     check_output_dir(output, force)
     texts = read_text_file(calib_path) if calib_path else None
-    model, tokenizer = load_dense(source)
+    opened = open_source_streaming(source)
+    if opened is None:
+        (model, tokenizer), before_block = load_dense(source), None
+    else:
+        stream, tokenizer = opened
+        stream.load_outside_blocks()
+        model, before_block = stream.model, stream.load_block
     start = time.perf_counter()
-    compress(model, tokenizer, config, texts, samples, seq_len, seed, progress=progress)
+    compress(
+        model, tokenizer, config, texts, samples, seq_len, seed, progress=progress,
+        before_block=before_block,
+    )
     seconds = time.perf_counter() - start
+    if opened is not None:
+        opened[0].check_complete()
     hub.save_sketched(model, tokenizer, output, force=force)
     return {
         "source": source,
@@ -94,6 +116,8 @@ def compress_to_folder(
         "seconds": round(seconds, 1),
         "sketched_layers": len(model.config.quantization_config["modules"]),
         "bytes_on_disk": (Path(output) / hub.WEIGHTS_NAME).stat().st_size,
+        "streamed": opened is not None,
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
     }
 
 

@@ -10,7 +10,6 @@ training task), which separates methods at small scale where accuracies sit at c
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import torch
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
+from .memory import peak_rss_bytes
 
 METHODS = ("dense", "sketch", "lora", "dora", "qlora")
 
@@ -157,7 +157,7 @@ def run_method(method: str, cfg: CompareConfig) -> dict:
         )
     model.eval()
     row.update(_evaluate_all(model, tokenizer, cfg))
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["peak_rss_bytes"] = peak_rss_bytes()
     return row
 
 

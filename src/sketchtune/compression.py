@@ -203,17 +203,19 @@ def compress_model(
     config: SketchConfig,
     batch_size: int = 4,
     progress: bool = True,
-    on_block: Callable[[int], None] | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Sketch every linear projection of every decoder block of `model`, in place.
 
     calibration: (n, seq_len) token ids, required when `config.data_aware`. Returns the sketched
     module names (relative to the model) and records them in `model.config.quantization_config`.
+    `before_block(index)` runs just before a block is sketched: streaming compression
+    fills the block's weights from disk there, so the other blocks may still be on meta.
     """
     blocks_name, blocks = find_decoder_blocks(model)
     if config.data_aware and (calibration is None or calibration.numel() == 0):
         raise SketchtuneError("data-aware compression needs calibration text")
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if not p.is_meta)
     sketched: list[str] = []
     inputs = None
     with torch.no_grad():
@@ -222,6 +224,8 @@ def compress_model(
             inputs = _capture_first_block_inputs(model, blocks[0], calibration, batch_size)
         bar = tqdm(blocks, desc="sketching blocks", unit="block", disable=not progress)
         for index, block in enumerate(bar):
+            if before_block is not None:
+                before_block(index)
             allowed = sketchable_names(block, config.gpr, config.bits)
             if inputs is None:
                 steps = [[n] for n in sorted(allowed)]
@@ -238,8 +242,6 @@ def compress_model(
                 sketched.extend(f"{blocks_name}.{index}.{n}" for n in names)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = [(_run_block(block, h, kw), kw) for h, kw in inputs]
-            if on_block is not None:
-                on_block(index)
     if not sketched:
         raise SketchtuneError(
             "no linear projection in the decoder blocks could be sketched: their input sizes "

@@ -27,6 +27,7 @@ from transformers import (
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
+from .streaming import StreamingSource, open_streaming
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,36 @@ def load_dense(
         raise SketchtuneError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
     model.eval()
     return model, tokenizer
+
+
+def open_source_streaming(
+    name_or_path: str,
+) -> tuple[StreamingSource, PreTrainedTokenizerBase] | None:
+    """The source as a meta skeleton that reads its weights block by block (for compression),
+    or None when it cannot be streamed and must be loaded whole with `load_dense`."""
+    source = resolve_model(name_or_path)
+    if _quant_method(source) is not None:
+        return None  # sketched or quantized: load_dense says what to do with it
+    try:
+        folder = _local_snapshot(source)
+        stream = open_streaming(folder)
+        if stream is None:
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        raise SketchtuneError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
+    return stream, tokenizer
+
+
+def _local_snapshot(source: str) -> Path:
+    """A local folder for a resolved source: itself, or the hub snapshot of its config,
+    tokenizer and safetensors files (downloaded once into the hub cache)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    return Path(snapshot_download(source, allow_patterns=patterns))
 
 
 def _embedded_folder(name: str) -> Path:
