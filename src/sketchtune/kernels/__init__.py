@@ -2,7 +2,8 @@
 
 `lut_linear(x, codes, values, bits)` computes y = x Ŵᵀ for a sketched weight stored as packed
 codes. On CPU tensors it runs the C++ op `sketchtune::lut_linear` (built on first use, see
-`kernels.cpu`); elsewhere, or if that op cannot be built, the reference PyTorch path.
+`kernels.cpu`); on CUDA tensors, when triton is installed, the Triton kernels (`kernels.triton`,
+the same op's CUDA kernels); elsewhere, or if those cannot run, the reference PyTorch path.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..format import unpack_codes
 from . import cpu, reference
+from . import triton as gpu
 
 _fast_enabled = True
 _unpacked = WeakTensorKeyDictionary()  # packed codes -> (version, unpacked codes)
@@ -50,6 +52,8 @@ def lut_linear(
         return _LutLinear.apply(x, codes, values)
     if _fast_cpu(x, codes):
         return torch.ops.sketchtune.lut_linear.default(x, codes, values, bits)
+    if _fast_gpu(x, codes, values):
+        return gpu.lut_linear(x, codes, values, bits)
     return _LutLinear.apply(x, unpacked(codes, bits, x.shape[-1]), values)
 
 
@@ -60,6 +64,17 @@ def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:
         and codes.device.type == "cpu"
         and x.dtype in cpu.FAST_DTYPES
         and cpu.available()
+    )
+
+
+def _fast_gpu(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> bool:
+    return (
+        _fast_enabled
+        and x.is_cuda
+        and codes.is_cuda
+        and values.is_cuda
+        and x.dtype in gpu.FAST_DTYPES
+        and gpu.available()
     )
 
 
