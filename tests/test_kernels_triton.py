@@ -7,8 +7,11 @@ tiles (the interpreter runs each tile op in numpy). The same tests, unchanged, c
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
+import json
 import os
+import subprocess
 import sys
 import warnings
 
@@ -114,7 +117,7 @@ def test_half_precision_activations(dtype, bits, gpr):
     weight = dequantize(codes, values)
     for rows in (2, 21):  # GEMV and GEMM
         x = randn(rows, 32 * gpr, seed=rows, dtype=dtype)
-        y = K["ops"].forward(x, packed, values, bits)
+        y = K["ops"].lut_linear_forward(x, packed, values, bits)
         assert y.dtype == dtype
         # fp32 accumulation; the GEMM rounds Ŵ to the activation dtype: error ~ 2^-8 Σ|x||w|.
         bound = 8e-3 * (x.float().abs() @ weight.abs().T) + 1e-5
@@ -134,7 +137,7 @@ def test_op_functions_take_any_leading_shape_default_tiles_and_empty_batches():
     ops = K["ops"]
     for shape in [(2, 3, 96), (2, 17, 96), (0, 96)]:
         x, grad = randn(*shape, seed=4), randn(*shape[:-1], 24, seed=5)
-        y = ops.forward(x, packed, values, 4)
+        y = ops.lut_linear_forward(x, packed, values, 4)
         assert y.shape == (*shape[:-1], 24)
         close(y, reference.lut_linear_forward(x, codes, values))
         close(K["input_grad"].lut_input_grad(grad, packed, values, 4),
@@ -146,11 +149,11 @@ def test_op_functions_take_any_leading_shape_default_tiles_and_empty_batches():
 def test_bad_arguments_are_clear_errors():
     _, packed, values = sketch(4, 32, 4, 1)
     with pytest.raises(ValueError, match="do not hold"):
-        K["ops"].forward(randn(2, 24), packed, values, 4)
+        K["ops"].lut_linear_forward(randn(2, 24), packed, values, 4)
     with pytest.raises(ValueError, match="bits must be"):
-        K["ops"].forward(randn(2, 32), packed, values, 5)
+        K["ops"].lut_linear_forward(randn(2, 32), packed, values, 5)
     with pytest.raises(ValueError, match="activations"):
-        K["ops"].forward(randn(2, 32).double(), packed, values, 4)
+        K["ops"].lut_linear_forward(randn(2, 32).double(), packed, values, 4)
     with pytest.raises(ValueError, match="power of two"):
         K["gemm"].lut_gemm(randn(20, 32), packed, values, 4, block_k=24)
     with pytest.raises(ValueError, match="at most 8 rows"):
@@ -213,6 +216,31 @@ def test_launchers_are_the_cuda_kernels_of_the_ops():
     assert K["ops"].register()
     for name in ("lut_linear", "lut_linear_input_grad", "lut_linear_values_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sketchtune::{name}", "CUDA")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the tests above compiled for this GPU")
+def test_kernels_compile_for_a_gpu_without_register_spills():
+    # The interpreter runs Python semantics only: compile for sm_90 with Triton's real compiler
+    # (in a process without TRITON_INTERPRET), every unpacking path and every kernel.
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this triton's ASTSource predates the constexprs argument")
+    script = (
+        "import json, torch\n"
+        "from sketchtune.kernels.triton import aot\n"
+        "bf16 = (torch.bfloat16,)\n"
+        "r = aot.check(90, (2, 3, 4), bf16, ('gemv',))\n"
+        "r += aot.check(90, (4,), bf16, ('gemm', 'input_grad', 'values_grad'))\n"
+        "print(json.dumps(r))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.splitlines()[-1])
+    assert len(reports) == 9
+    assert all(r["spill_bytes"] in (0, None) for r in reports), reports
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

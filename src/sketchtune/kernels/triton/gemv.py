@@ -47,17 +47,15 @@ def _lut_gemv_kernel(
 
 
 def gemv_config(rows: int, d_out: int, d_in: int, device: torch.device) -> tuple[int, int, int]:
-    """(block_n, block_k, split_k) by rule of thumb (not tuned on hardware yet): about 8K
-    products per program, and enough programs to fill the GPU (split_k > 1: partial sums are
-    added atomically)."""
-    block_m = triton.next_power_of_2(rows)
-    block_k = min(256 if block_m <= 2 else 128, max(16, triton.next_power_of_2(d_in)))
-    block_n = max(4, 8192 // (block_m * block_k))
-    target = 4 * multiprocessors(device)
-    while block_n > 4 and cdiv(d_out, block_n) < target:
-        block_n //= 2
+    """(block_n, block_k, split_k): 1-4K products a step (48-56 registers a thread at 4 warps on
+    sm_90), and enough programs to fill the GPU (split_k > 1: partial sums are added
+    atomically). A rule of thumb, not yet tuned on hardware (benchmarks/kernels_gpu.py --sweep).
+    """
+    block_k = min(256 if rows <= 2 else 128, max(16, triton.next_power_of_2(d_in)))
+    block_n = 8 if rows <= 4 else 4
+    programs, target = cdiv(d_out, block_n), 2 * multiprocessors(device)
     split_k = 1
-    while cdiv(d_out, block_n) * split_k < target // 2 and split_k * block_k * 2 <= d_in:
+    while programs * split_k < target and split_k * block_k * 2 <= d_in:
         split_k *= 2
     return block_n, block_k, split_k
 

@@ -54,14 +54,15 @@ def lut_input_grad(
     bits: int,
     *,
     block_m: int | None = None,
-    block_n: int = 64,
+    block_n: int = 32,
     block_k: int = 128,
     group_m: int = 8,
     num_warps: int | None = None,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """grad_out (..., d_out), packed codes (d_out, d_in * bits // 8), values (d_out, gpr,
-    2**bits) -> dX (..., d_in) in grad_out's dtype. block_n is the reduction step over d_out."""
+    2**bits) -> dX (..., d_in) in grad_out's dtype. block_n is the reduction step over d_out;
+    the default tiles hold about 200 registers a thread at 8 warps on sm_90 (no spills)."""
     d_out = grad_out.shape[-1]
     d_in = codes.shape[1] * 8 // bits
     check_sketch(codes, values, bits, d_in)

@@ -20,7 +20,9 @@ from .values_grad import lut_values_grad
 _library: torch.library.Library | None = None
 
 
-def forward(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bits: int) -> torch.Tensor:
+def lut_linear_forward(
+    x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bits: int
+) -> torch.Tensor:
     """y = x Ŵᵀ: the LUT GEMV up to MAX_ROWS rows of x, the fused dequantize + GEMM beyond."""
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= MAX_ROWS:
@@ -36,7 +38,7 @@ def register() -> bool:
         if not cpu.available():
             return False
         library = torch.library.Library("sketchtune", "IMPL")
-        library.impl("lut_linear", forward, "CUDA")
+        library.impl("lut_linear", lut_linear_forward, "CUDA")
         library.impl("lut_linear_input_grad", lut_input_grad, "CUDA")
         library.impl("lut_linear_values_grad", lut_values_grad, "CUDA")
         _library = library
@@ -50,7 +52,7 @@ class LutLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, bits: int):
         ctx.save_for_backward(x, codes, values)
         ctx.bits = bits
-        return forward(x, codes, values, bits)
+        return lut_linear_forward(x, codes, values, bits)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -41,16 +41,19 @@ def load_codes(codes_ptr, rows, row_ok, k0, d_in, BITS: tl.constexpr, BLOCK_R: t
         hi = tl.join(
             tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7)
         )
-        return tl.join(lo, hi).reshape(BLOCK_R, BLOCK_K)
-    per_byte: tl.constexpr = 8 // BITS
-    units = k0 // per_byte + tl.arange(0, BLOCK_K // per_byte)
-    ok = row_ok[:, None] & (units[None, :] < d_in // per_byte)
-    ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + units[None, :]
-    byte = tl.load(ptr, mask=ok, other=0).to(tl.int32)  # (BLOCK_R, BLOCK_K // per_byte)
-    if BITS == 4:
-        return tl.join(byte & 15, byte >> 4).reshape(BLOCK_R, BLOCK_K)
-    pairs = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
-    return pairs.reshape(BLOCK_R, BLOCK_K)
+        codes = tl.join(lo, hi).reshape(BLOCK_R, BLOCK_K)
+    else:  # 8 // BITS codes in each byte
+        units = k0 * BITS // 8 + tl.arange(0, BLOCK_K * BITS // 8)
+        ok = row_ok[:, None] & (units[None, :] < row_bytes)
+        ptr = codes_ptr + rows[:, None].to(tl.int64) * row_bytes + units[None, :]
+        byte = tl.load(ptr, mask=ok, other=0).to(tl.int32)  # (BLOCK_R, BLOCK_K * BITS // 8)
+        if BITS == 4:
+            codes = tl.join(byte & 15, byte >> 4).reshape(BLOCK_R, BLOCK_K)
+        else:
+            codes = tl.join(
+                tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6)
+            ).reshape(BLOCK_R, BLOCK_K)
+    return codes
 
 
 @triton.jit
