@@ -96,7 +96,7 @@ def bench_layer(d_out: int, d_in: int, args, bandwidth: float) -> list[dict]:
     ]
     rows = []
 
-    def record(kernel: str, tokens: int, sketch_calls, dense_calls, io_bytes: int) -> dict:
+    def record(kernel: str, tokens: int, sketch_calls, dense_calls, io_bytes: int) -> None:
         t_sketch, t_dense = per_call_seconds(sketch_calls), per_call_seconds(dense_calls)
         row = {
             "layer": f"{d_out}x{d_in}", "kernel": kernel, "tokens": tokens,
@@ -120,7 +120,6 @@ def bench_layer(d_out: int, d_in: int, args, bandwidth: float) -> list[dict]:
         if tokens == 1:
             line += f"  floor {row['floor_ms']:.4f} ms ({row['x_floor']:.2f}x floor)"
         print(line, flush=True)
-        return row
 
     print(f"layer {d_out}x{d_in} (d_out x d_in), {bits} bits, gpr {gpr}: sketch "
           f"{sketch_bytes / 1e6:.1f} MB x{len(sketches)} copies, dense bf16 "

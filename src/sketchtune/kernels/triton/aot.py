@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import gemm, gemv, input_grad, values_grad
+from .launch import dot_dtype
 
 KERNELS = ("gemv", "gemm", "input_grad", "values_grad")
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _defaults(launcher) -> dict:
@@ -42,7 +41,7 @@ def launch_configs(kernel: str, bits: int, dtype: torch.dtype) -> list[tuple]:
     """(jitted kernel, pointer types, constexprs, num_warps, num_stages) as the launcher picks
     them for Llama-sized layers: 1 and 8 rows for the GEMV, >= 128 rows for the others."""
     act = "*" + _TYPES[dtype]
-    dot = {"DOT_DTYPE": _TL[dtype], "PRECISION": "tf32"}
+    dot = {"DOT_DTYPE": dot_dtype(dtype, torch.device("cuda")), "PRECISION": "tf32"}
     if kernel == "gemv":
         pointers = {"x_ptr": act, "codes_ptr": "*u8", "values_ptr": "*fp32", "y_ptr": act}
         warps = _defaults(gemv.lut_gemv)["num_warps"]

@@ -30,14 +30,16 @@ def _lut_gemv_kernel(
     m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < d_out, m < rows
     start = tl.program_id(1) * split_cols
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # Products accumulate lane by lane; one reduction across the lanes at the end.
+    partial = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
     for k0 in range(start, tl.minimum(start + split_cols, d_in), BLOCK_K):
         w = dequantize(codes_ptr, values_ptr, n, n_ok, k0, d_in, group_size, gpr,
                        BITS, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K)
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :],
                     mask=m_ok[:, None] & (k < d_in)[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        acc += sum_over(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
+        partial += x.to(tl.float32)[:, None, :] * w[None, :, :]
+    acc = sum_over(partial, 2)  # (BLOCK_M, BLOCK_N)
     ptr = y_ptr + m[:, None] * stride_y + n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -47,7 +49,7 @@ def _lut_gemv_kernel(
 
 
 def gemv_config(rows: int, d_out: int, d_in: int, device: torch.device) -> tuple[int, int, int]:
-    """(block_n, block_k, split_k): 1-4K products a step (48-56 registers a thread at 4 warps on
+    """(block_n, block_k, split_k): 2-4K products a step (64-80 registers a thread at 4 warps on
     sm_90), and enough programs to fill the GPU (split_k > 1: partial sums are added
     atomically). A rule of thumb, not yet tuned on hardware (benchmarks/kernels_gpu.py --sweep).
     """

@@ -6,8 +6,8 @@ import torch
 import triton.language as tl
 
 from ...format import SUPPORTED_BITS
+from . import FAST_DTYPES
 
-ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -35,7 +35,7 @@ def check_sketch(codes: torch.Tensor, values: torch.Tensor, bits: int, d_in: int
 
 def check_activations(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t.dtype not in ACTIVATION_DTYPES:
+        if t.dtype not in FAST_DTYPES:
             raise ValueError(
                 f"sketchtune: Triton kernels take float32, bfloat16 or float16 activations, "
                 f"got {t.dtype}"
