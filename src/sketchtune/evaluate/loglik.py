@@ -3,12 +3,18 @@
 Both score token continuations after a context. Rows are sorted by length, left-padded and run in
 batches; since every continuation then ends at the last column, the model computes logits for the
 last few positions only (`logits_to_keep`), not for the whole context.
+
+With `share_contexts` (multiple choice), pairs whose context ids are identical run that context
+once: one row holds the context and then all its continuations, a 4-D attention mask keeps each
+continuation to the context and itself, and each continuation's position ids follow on from the
+context's, so every score equals the plain path's (to float rounding). Pairs with a context of
+their own, and models whose attention takes no custom 4-D mask, take the plain path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +26,8 @@ from ..errors import SketchtuneError
 from .options import Choices
 
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+PACKABLE = ("sdpa", "eager")  # attention implementations that take a custom 4-D mask
+Scorer = Callable[[nn.Module, list[TokenPair], int, torch.device], list[tuple[float, int]]]
 
 
 @torch.no_grad()
@@ -30,29 +38,58 @@ def score_continuations(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "loglik",
+    share_contexts: bool = False,
 ) -> list[tuple[float, int]]:
     """(sum of log p(continuation tokens | context), token count) for each pair, in input order.
 
     Every context must hold at least one token (the first continuation token needs a prediction).
+    `share_contexts` runs a context shared by several pairs once per batch (same scores, less work).
     """
     if any(not context for context, _ in pairs):
         raise ValueError("every context needs at least one token")
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
+    share_contexts = share_contexts and _attention(model) in PACKABLE
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(
-            range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress
+        for rows, scorer in tqdm(
+            _plan(pairs, batch_size, share_contexts), desc=desc, unit="batch", disable=not progress
         ):
-            rows = order[start : start + batch_size]
             batch = [pairs[i] for i in rows]
-            for i, score in zip(rows, _score_batch(model, batch, pad_id, device), strict=True):
+            for i, score in zip(rows, scorer(model, batch, pad_id, device), strict=True):
                 scores[i] = score
     finally:
         model.train(was_training)
     return scores
+
+
+def _plan(
+    pairs: Sequence[TokenPair], batch_size: int, share_contexts: bool
+) -> list[tuple[list[int], Scorer]]:
+    """Batches of at most `batch_size` pair indices, each with its scorer, longest first. A shared
+    context's pairs stay in one batch unless they outnumber `batch_size`."""
+    groups: dict[tuple[int, ...], list[int]] = {}  # without sharing, each pair is its own group
+    for i, (context, _) in enumerate(pairs):
+        groups.setdefault(tuple(context) if share_contexts else (i,), []).append(i)
+    packed: list[list[int]] = []
+    for group in sorted(
+        (g for g in groups.values() if len(g) > 1),
+        key=lambda g: -len(pairs[g[0]][0]) - sum(len(pairs[i][1]) for i in g),  # row length
+    ):
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            if packed and len(packed[-1]) + len(chunk) <= batch_size:
+                packed[-1] += chunk
+            else:
+                packed.append(chunk)
+    alone = sorted(
+        (g[0] for g in groups.values() if len(g) == 1), key=lambda i: -sum(map(len, pairs[i]))
+    )
+    return [(rows, _score_packed) for rows in packed] + [
+        (alone[start : start + batch_size], _score_batch)
+        for start in range(0, len(alone), batch_size)
+    ]
 
 
 def _score_batch(
@@ -75,6 +112,72 @@ def _score_batch(
     scored = torch.arange(keep, device=device) >= keep - lengths.unsqueeze(1)  # (b, keep)
     sums = (picked * scored).sum(-1)
     return [(s, n) for s, n in zip(sums.tolist(), lengths.tolist(), strict=True)]
+
+
+def _score_packed(
+    model: nn.Module, batch: list[TokenPair], pad_id: int, device: torch.device
+) -> list[tuple[float, int]]:
+    """Pairs of a shared context as one row: context, then each continuation, each continuation
+    attending to the context and to itself only (a 4-D mask) and positioned right after the
+    context. Rows are left-padded, so the scored tokens lie in the last `keep` columns."""
+    rows: dict[tuple[int, ...], list[int]] = {}  # context -> its pairs in the batch
+    for i, (context, _) in enumerate(batch):
+        rows.setdefault(tuple(context), []).append(i)
+    width = max(len(c) + sum(len(batch[i][1]) for i in pairs) for c, pairs in rows.items())
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segment = torch.full_like(ids, -1)  # -1 padding, 0 context, j + 1 the row's j-th continuation
+    row_of, column, target, pair_of = [], [], [], []  # one entry per scored token
+    for r, (context, pairs) in enumerate(rows.items()):
+        at = width - len(context) - sum(len(batch[i][1]) for i in pairs)
+        ids[r, at : at + len(context)] = torch.tensor(context)
+        positions[r, at : at + len(context)] = torch.arange(len(context))
+        segment[r, at : at + len(context)] = 0
+        last = at + len(context) - 1  # predicts every continuation's first token
+        at = last + 1
+        for j, i in enumerate(pairs):
+            continuation = batch[i][1]
+            n = len(continuation)
+            ids[r, at : at + n] = torch.tensor(continuation, dtype=torch.long)
+            positions[r, at : at + n] = torch.arange(len(context), len(context) + n)
+            segment[r, at : at + n] = j + 1
+            column += [last, *range(at, at + n - 1)][:n]  # where each token is predicted
+            row_of += [r] * n
+            target += continuation
+            pair_of += [i] * n
+            at += n
+    keep = width - min(column, default=width - 1)
+    index = torch.arange(width)
+    allowed = (
+        (segment.unsqueeze(1) == 0) | (segment.unsqueeze(1) == segment.unsqueeze(2))
+    ) & (segment.unsqueeze(1) >= 0) & (index <= index.unsqueeze(1))  # (rows, query, key)
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty row
+    logits = model(
+        input_ids=ids.to(device), attention_mask=_as_mask(model, allowed.unsqueeze(1).to(device)),
+        position_ids=positions.to(device), logits_to_keep=keep, use_cache=False,
+    ).logits  # (rows, keep, V): the last `keep` columns
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    row_t, column_t, target_t, pair_t = (
+        torch.tensor(x, dtype=torch.long, device=device) for x in (row_of, column, target, pair_of)
+    )
+    picked = logprobs[row_t, column_t - (width - keep), target_t]
+    sums = torch.zeros(len(batch), device=device).index_add_(0, pair_t, picked)
+    return [(s, len(c)) for s, (_, c) in zip(sums.tolist(), batch, strict=True)]
+
+
+def _as_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean attend-mask as the attention implementation takes a custom 4-D mask: sdpa as is,
+    eager as an additive float mask."""
+    if _attention(model) == "sdpa":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def _attention(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def encode_pairs(
@@ -103,12 +206,15 @@ def choice_accuracy(
     items: Sequence[Choices],
     batch_size: int = 16,
     progress: bool = True,
+    share_contexts: bool = True,
 ) -> dict:
     """Accuracy of picking the option of highest log-likelihood ("correct") and of highest
-    log-likelihood per character of the option text ("correct_norm", lm-eval's acc_norm)."""
+    log-likelihood per character of the option text ("correct_norm", lm-eval's acc_norm).
+    `share_contexts` runs an item's context once for all its options (same scores, less work)."""
     texts = [pair for item in items for pair in zip(item.contexts, item.continuations, strict=True)]
     scores = score_continuations(
-        model, encode_pairs(tokenizer, texts), _pad_id(tokenizer), batch_size, progress
+        model, encode_pairs(tokenizer, texts), _pad_id(tokenizer), batch_size, progress,
+        share_contexts=share_contexts,
     )
     correct = correct_norm = 0
     at = 0
