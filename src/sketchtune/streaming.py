@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .compression import find_decoder_blocks
 from .errors import SketchtuneError
+from .memory import release_free_heap
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,7 +58,9 @@ class SafetensorsCheckpoint:
             try:
                 with safe_open(file, framework="pt") as handle:
                     for name in names:
-                        tensors[name] = handle.get_tensor(name)
+                        # A copy: tensors viewing the file's mapping would keep every page read
+                        # so far resident, i.e. the whole dense model by the last block.
+                        tensors[name] = handle.get_tensor(name).clone()
             except Exception as exc:
                 raise _corrupt(file, exc) from None
         return tensors
@@ -85,6 +88,7 @@ class StreamingSource:
     def load_block(self, index: int) -> None:
         """Fill decoder block `index` (`compress_model` calls this as its `before_block`)."""
         prefix = f"{self.blocks_name}.{index}."
+        release_free_heap()  # the previous block's dense weights and activations
         self._load([n for n in self.key_of if n.startswith(prefix)])
 
     def check_complete(self) -> None:
