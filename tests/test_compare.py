@@ -49,3 +49,51 @@ def test_unknown_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
                  "--methods", "dense,adapterX", "-o", str(tmp_path / "o")])
     assert code == 2
     assert "unknown methods ['adapterX']" in capsys.readouterr().err
+
+
+def compare_args(model_dir, data, out, *extra):
+    return ["compare", str(model_dir), "--data", str(data), "--task", "ARC-Easy",
+            "--methods", "dense", "--limit", "4", "--nll-limit", "3", "-o", str(out), *extra]
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data")
+def test_interrupted_compare_reuses_finished_methods(tiny_model_dir, tiny_task_file, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(compare_args(tiny_model_dir, tiny_task_file, out)) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert not (tmp_path / "cmp.run").exists()  # cleaned up once the table is written
+
+    # As if a run stopped after `dense` finished: its row is kept next to the output.
+    (tmp_path / "cmp.run").mkdir()
+    kept = {**first["rows"][0], "marker": "from the interrupted run"}
+    (tmp_path / "cmp.run" / "dense.json").write_text(
+        json.dumps({"settings": first["settings"], "row": kept})
+    )
+    out2 = tmp_path / "cmp2"
+    (tmp_path / "cmp.run").rename(tmp_path / "cmp2.run")
+    assert main(compare_args(tiny_model_dir, tiny_task_file, out2)) == 0
+    assert json.loads((out2 / "results.json").read_text())["rows"][0]["marker"]
+
+    # Different settings: the kept row does not count.
+    (tmp_path / "cmp3.run").mkdir()
+    (tmp_path / "cmp3.run" / "dense.json").write_text(
+        json.dumps({"settings": {**first["settings"], "seed": 7}, "row": kept})
+    )
+    out3 = tmp_path / "cmp3"
+    assert main(compare_args(tiny_model_dir, tiny_task_file, out3)) == 0
+    assert "marker" not in json.loads((out3 / "results.json").read_text())["rows"][0]
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data")
+def test_math_tasks_are_scored_by_generation_only(tiny_model_dir, tiny_task_file, tmp_path,
+                                                  capsys):
+    args = compare_args(tiny_model_dir, tiny_task_file, tmp_path / "a")
+    args[args.index("ARC-Easy")] = "ARC-Easy,gsm8k"
+    assert main(args) == 2
+    assert "give --generate-limit" in capsys.readouterr().err
+    assert main([*args[:-2], "-o", str(tmp_path / "b"), "--generate-limit", "2"]) == 0
+    row = json.loads((tmp_path / "b" / "results.json").read_text())["rows"][0]
+    assert set(row["tasks"]["gsm8k"]) == {"generate"}
+    assert set(row["tasks"]["ARC-Easy"]) == {"loglik", "generate"}
+    header = (tmp_path / "b" / "results.md").read_text().splitlines()[0]
+    assert "gsm8k generate acc" in header and "gsm8k loglik" not in header

@@ -10,6 +10,7 @@ training task), which separates methods at small scale where accuracies sit at c
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,19 @@ class CompareConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise SketchtuneError(f"unknown methods {unknown} (available: {', '.join(METHODS)})")
+        answer_tasks = sorted(set(self.tasks) - set(loglik_tasks(self.tasks)))
+        if answer_tasks and not self.generate_limit:
+            raise SketchtuneError(
+                f"{', '.join(answer_tasks)} have no answer options to score by log-likelihood: "
+                "give --generate-limit N to score generated answers"
+            )
+
+
+def loglik_tasks(tasks: list[str]) -> list[str]:
+    """The tasks with answer options (math tasks with a number answer have none)."""
+    from .evaluate.choices import NUMBER_TASKS
+
+    return [t for t in tasks if t not in NUMBER_TASKS]
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
@@ -111,10 +125,11 @@ def _evaluate_all(model, tokenizer, cfg: CompareConfig) -> dict:
                        data_root=cfg.data_root)
     scores = {"heldout_nll": heldout["nll"], "heldout": heldout, "tasks": {}}
     for task in cfg.tasks:
-        scores["tasks"][task] = {
-            "loglik": evaluate(model, tokenizer, task, "loglik", limit=cfg.limit,
-                               data_root=cfg.data_root)
-        }
+        scores["tasks"][task] = {}
+        if task in loglik_tasks(cfg.tasks):
+            scores["tasks"][task]["loglik"] = evaluate(
+                model, tokenizer, task, "loglik", limit=cfg.limit, data_root=cfg.data_root
+            )
         if cfg.generate_limit:
             scores["tasks"][task]["generate"] = evaluate(
                 model, tokenizer, task, "generate", limit=cfg.generate_limit,
@@ -163,24 +178,36 @@ def run_method(method: str, cfg: CompareConfig) -> dict:
 
 def compare(cfg: CompareConfig, output: str | Path, force: bool = False) -> dict:
     """Run every method in its own process and write the comparison tables and chart."""
-    from .atomic import check_output_dir
+    from .atomic import check_output_dir, write_json_atomic
     from .report import write_comparison
 
     check_output_dir(output, force)
+    settings = asdict(cfg)
+    # Finished methods are kept here, so an interrupted comparison reruns only what is missing.
+    done_dir = Path(f"{output}.run")
+    done_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in cfg.methods:
+        done = done_dir / f"{method}.json"
+        saved = json.loads(done.read_text()) if done.is_file() else None
+        if saved is not None and saved["settings"] == settings:
+            print(f"== {method}: finished in an earlier run, reused from {done}", flush=True)
+            rows.append(saved["row"])
+            continue
         print(f"== {method}", flush=True)
         proc = subprocess.run(
             [sys.executable, "-m", "sketchtune.compare", json.dumps({"method": method,
-                                                                     **asdict(cfg)})],
+                                                                     **settings})],
             stdout=subprocess.PIPE, text=True,
         )
         if proc.returncode != 0:
             raise SketchtuneError(f"method {method} failed (exit {proc.returncode}); see above")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    results = {"settings": asdict(cfg), "rows": rows}
+        write_json_atomic(done, {"settings": settings, "row": rows[-1]})
+    results = {"settings": settings, "rows": rows}
     with atomic_directory(output, force) as temp:
         write_comparison(results, temp)
+    shutil.rmtree(done_dir)
     return results
 
 

@@ -36,7 +36,9 @@ def plot_loss(metrics_jsonl: Path, out_png: Path) -> Path:
 
 def plot_comparison(results: dict, out_png: Path) -> Path:
     """Two panels: held-out NLL per method, and log-likelihood accuracy per task with 95% CIs."""
-    rows, tasks = results["rows"], results["settings"]["tasks"]
+    from .compare import loglik_tasks
+
+    rows, tasks = results["rows"], loglik_tasks(results["settings"]["tasks"])
     methods = [r["method"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.bar(methods, [r["heldout_nll"] for r in rows], color="tab:blue")

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from .compare import loglik_tasks
 from .plots import plot_comparison
 
 
@@ -14,27 +15,33 @@ def _ci(result: dict) -> str:
     return f"{result['accuracy']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _nll(row: dict) -> str:
+    se = row.get("heldout", {}).get("nll_se")
+    return f"{row['heldout_nll']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows shared by the Markdown and CSV tables."""
     tasks = results["settings"]["tasks"]
-    header = ["method", "held-out NLL", "trainable (M)", "base in memory (MB)",
+    scored = loglik_tasks(tasks)
+    header = ["method", "held-out NLL (± s.e.)", "trainable (M)", "base in memory (MB)",
               "train tokens/s", "peak memory (MB)"]
-    header += [f"{t} loglik acc [95% CI]" for t in tasks]
-    header += [f"{t} acc_norm" for t in tasks]
+    header += [f"{t} loglik acc [95% CI]" for t in scored]
+    header += [f"{t} acc_norm" for t in scored]
     if results["settings"].get("generate_limit"):
         header += [f"{t} generate acc [95% CI]" for t in tasks]
     rows = []
     for row in results["rows"]:
         cells = [
             row["method"],
-            f"{row['heldout_nll']:.4f}",
+            _nll(row),
             f"{row['trainable_parameters'] / 1e6:.2f}",
             f"{row['base_bytes'] / 1e6:.1f}",
             f"{row['train_tokens_per_second']:.0f}" if "train_tokens_per_second" in row else "-",
             f"{row['peak_rss_bytes'] / 1e6:.0f}",
         ]
-        cells += [_ci(row["tasks"][t]["loglik"]) for t in tasks]
-        cells += [f"{row['tasks'][t]['loglik'].get('acc_norm', float('nan')):.3f}" for t in tasks]
+        cells += [_ci(row["tasks"][t]["loglik"]) for t in scored]
+        cells += [f"{row['tasks'][t]['loglik'].get('acc_norm', float('nan')):.3f}" for t in scored]
         if results["settings"].get("generate_limit"):
             cells += [_ci(row["tasks"][t]["generate"]) for t in tasks]
         rows.append(cells)
