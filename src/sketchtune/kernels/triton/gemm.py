@@ -11,16 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (
-    as_rows,
-    cdiv,
-    check_activations,
-    check_block,
-    check_sketch,
-    dot_dtype,
-    dot_precision,
-)
-from .launch import tables as fp32_tables
+from . import launch
 from .tiles import dequantize, grouped_tile
 
 
@@ -66,21 +57,21 @@ def lut_gemm(
     The default tiles hold 212 registers a thread at 8 warps on sm_90 (ptxas, no spills);
     wider ones spill: the dequantized tile and its gather addresses live in registers."""
     d_in = x.shape[-1]
-    check_sketch(codes, values, bits, d_in)
-    check_activations(x)
-    x2 = as_rows(x, d_in)
+    launch.check_sketch(codes, values, bits, d_in)
+    launch.check_activations(x)
+    x2 = launch.as_rows(x, d_in)
     rows, d_out = x2.shape[0], codes.shape[0]
     y = torch.empty(rows, d_out, device=x.device, dtype=x.dtype)
     if rows:
         block_m = block_m or min(128, max(16, triton.next_power_of_2(rows)))
         for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-            check_block(name, size)
-        _lut_gemm_kernel[(cdiv(rows, block_m) * cdiv(d_out, block_n),)](
-            x2, codes.contiguous(), fp32_tables(values), y,
+            launch.check_block(name, size)
+        _lut_gemm_kernel[(launch.cdiv(rows, block_m) * launch.cdiv(d_out, block_n),)](
+            x2, codes.contiguous(), launch.tables(values), y,
             rows, d_out, d_in, d_in // values.shape[1], values.shape[1], x2.stride(0),
             y.stride(0),
             BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            DOT_DTYPE=dot_dtype(x.dtype, x.device), PRECISION=dot_precision(),
+            DOT_DTYPE=launch.dot_dtype(x.dtype, x.device), PRECISION=launch.dot_precision(),
             num_warps=num_warps or (8 if block_m * block_n >= 128 * 128 else 4),
             num_stages=num_stages,
         )

@@ -10,16 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (
-    as_rows,
-    cdiv,
-    check_activations,
-    check_block,
-    check_sketch,
-    dot_dtype,
-    dot_precision,
-)
-from .launch import tables as fp32_tables
+from . import launch
 from .tiles import dequantize, grouped_tile
 
 
@@ -65,23 +56,23 @@ def lut_input_grad(
     the default tiles hold about 200 registers a thread at 8 warps on sm_90 (no spills)."""
     d_out = grad_out.shape[-1]
     d_in = codes.shape[1] * 8 // bits
-    check_sketch(codes, values, bits, d_in)
-    check_activations(grad_out)
+    launch.check_sketch(codes, values, bits, d_in)
+    launch.check_activations(grad_out)
     if codes.shape[0] != d_out:
         raise ValueError(f"grad_out has {d_out} columns, the sketch {codes.shape[0]} rows")
-    g = as_rows(grad_out, d_out)
+    g = launch.as_rows(grad_out, d_out)
     rows = g.shape[0]
     dx = torch.empty(rows, d_in, device=g.device, dtype=g.dtype)
     if rows:
         block_m = block_m or min(128, max(16, triton.next_power_of_2(rows)))
         for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-            check_block(name, size)
-        _lut_input_grad_kernel[(cdiv(rows, block_m) * cdiv(d_in, block_k),)](
-            g, codes.contiguous(), fp32_tables(values), dx,
+            launch.check_block(name, size)
+        _lut_input_grad_kernel[(launch.cdiv(rows, block_m) * launch.cdiv(d_in, block_k),)](
+            g, codes.contiguous(), launch.tables(values), dx,
             rows, d_out, d_in, d_in // values.shape[1], values.shape[1], g.stride(0),
             dx.stride(0),
             BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            DOT_DTYPE=dot_dtype(g.dtype, g.device), PRECISION=dot_precision(),
+            DOT_DTYPE=launch.dot_dtype(g.dtype, g.device), PRECISION=launch.dot_precision(),
             num_warps=num_warps or (8 if block_m * block_k >= 128 * 128 else 4),
             num_stages=num_stages,
         )

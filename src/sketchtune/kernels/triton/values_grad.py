@@ -12,15 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (
-    as_rows,
-    cdiv,
-    check_activations,
-    check_block,
-    check_sketch,
-    dot_dtype,
-    dot_precision,
-)
+from . import launch
 from .tiles import load_codes, sum_over
 
 
@@ -74,23 +66,23 @@ def lut_values_grad(
     """grad_out (..., d_out), x (..., d_in), packed codes (d_out, d_in * bits // 8), values
     (d_out, gpr, 2**bits) -> dvalues (d_out, gpr, 2**bits) in values' dtype."""
     d_out, d_in = grad_out.shape[-1], x.shape[-1]
-    check_sketch(codes, values, bits, d_in)
-    check_activations(grad_out, x)
+    launch.check_sketch(codes, values, bits, d_in)
+    launch.check_activations(grad_out, x)
     if codes.shape[0] != d_out:
         raise ValueError(f"grad_out has {d_out} columns, the sketch {codes.shape[0]} rows")
-    g, x2 = as_rows(grad_out, d_out), as_rows(x, d_in)
+    g, x2 = launch.as_rows(grad_out, d_out), launch.as_rows(x, d_in)
     if g.shape[0] != x2.shape[0]:
         raise ValueError(f"grad_out has {g.shape[0]} rows, x {x2.shape[0]}")
     for name, size in (("block_r", block_r), ("block_c", block_c), ("block_t", block_t)):
-        check_block(name, size)
+        launch.check_block(name, size)
     gpr = values.shape[1]
     out = torch.zeros(values.shape, device=values.device, dtype=torch.float32)
     if g.shape[0]:
-        _lut_values_grad_kernel[(cdiv(d_out, block_r), cdiv(d_in, block_c))](
+        _lut_values_grad_kernel[(launch.cdiv(d_out, block_r), launch.cdiv(d_in, block_c))](
             g, x2, codes.contiguous(), out,
             g.shape[0], d_out, d_in, d_in // gpr, gpr, g.stride(0), x2.stride(0),
             BITS=bits, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=block_t,
-            DOT_DTYPE=dot_dtype(torch.promote_types(g.dtype, x2.dtype), g.device),
-            PRECISION=dot_precision(), num_warps=num_warps, num_stages=num_stages,
+            DOT_DTYPE=launch.dot_dtype(torch.promote_types(g.dtype, x2.dtype), g.device),
+            PRECISION=launch.dot_precision(), num_warps=num_warps, num_stages=num_stages,
         )
     return out.to(values.dtype)
