@@ -71,6 +71,9 @@ def test_interrupted_compare_reuses_finished_methods(tiny_model_dir, tiny_task_f
     )
     out2 = tmp_path / "cmp2"
     (tmp_path / "cmp.run").rename(tmp_path / "cmp2.run")
+    with_lora = {**first["settings"], "methods": ["dense", "lora"]}  # another method list
+    (tmp_path / "cmp2.run" / "dense.json").write_text(json.dumps({"settings": with_lora,
+                                                                  "row": kept}))
     assert main(compare_args(tiny_model_dir, tiny_task_file, out2)) == 0
     assert json.loads((out2 / "results.json").read_text())["rows"][0]["marker"]
 

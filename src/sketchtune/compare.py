@@ -190,7 +190,7 @@ def compare(cfg: CompareConfig, output: str | Path, force: bool = False) -> dict
     for method in cfg.methods:
         done = done_dir / f"{method}.json"
         saved = json.loads(done.read_text()) if done.is_file() else None
-        if saved is not None and saved["settings"] == settings:
+        if saved is not None and _same_run(saved["settings"], settings):
             print(f"== {method}: finished in an earlier run, reused from {done}", flush=True)
             rows.append(saved["row"])
             continue
@@ -209,6 +209,12 @@ def compare(cfg: CompareConfig, output: str | Path, force: bool = False) -> dict
         write_comparison(results, temp)
     shutil.rmtree(done_dir)
     return results
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    """Whether a kept row answers these settings: all but the list of methods must match (one
+    method's row does not depend on which others run beside it)."""
+    return {**a, "methods": None} == {**b, "methods": None}
 
 
 def _worker() -> None:

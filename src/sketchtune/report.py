@@ -16,15 +16,15 @@ def _ci(result: dict) -> str:
 
 
 def _nll(row: dict) -> str:
-    se = row.get("heldout", {}).get("nll_se")
-    return f"{row['heldout_nll']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    ci = row.get("heldout", {}).get("nll_ci95")
+    return f"{row['heldout_nll']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows shared by the Markdown and CSV tables."""
     tasks = results["settings"]["tasks"]
     scored = loglik_tasks(tasks)
-    header = ["method", "held-out NLL (± s.e.)", "trainable (M)", "base in memory (MB)",
+    header = ["method", "held-out NLL [95% CI]", "trainable (M)", "base in memory (MB)",
               "train tokens/s", "peak memory (MB)"]
     header += [f"{t} loglik acc [95% CI]" for t in scored]
     header += [f"{t} acc_norm" for t in scored]
