@@ -41,7 +41,9 @@ def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
     with (out / "results.csv").open() as handle:
         assert len(list(csv.reader(handle))) == 4
     assert (out / "comparison.png").stat().st_size > 0
-    assert "held-out NLL" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "held-out NLL" in md
+    assert all("[" in line.split("|")[2] for line in md.splitlines()[2:])  # NLL with its CI
 
 
 def test_unknown_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
