@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .atomic import atomic_directory
 from .compression import STORAGE_DTYPE, _set_submodule
-from .errors import SketchtuneError
+from .errors import SketchtuneError, corrupt_checkpoint
 from .layers import SketchLinear
 
 QUANT_METHOD = "sketchtune"
@@ -99,8 +99,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SketchtuneError(f"corrupt or truncated checkpoint {file}: {reason}") from None
+        raise corrupt_checkpoint(file, exc) from None
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -127,7 +126,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrai
 
     stored = _read_safetensors(path / WEIGHTS_NAME)
     expected = model.state_dict()
-    tied = {n for n, t in expected.items() if n not in stored and _is_tied(model, n)}
+    tied = {n for n, t in expected.items() if n not in stored and is_tied_output(model, n)}
     missing = sorted(set(expected) - set(stored) - tied)
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -153,7 +152,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrai
     return model.eval()
 
 
-def _is_tied(model: PreTrainedModel, name: str) -> bool:
+def is_tied_output(model: PreTrainedModel, name: str) -> bool:
     """True for the output embedding when the config ties it to the input embedding."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return False

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .compression import find_decoder_blocks
-from .errors import SketchtuneError
+from .errors import SketchtuneError, corrupt_checkpoint
+from .hub import is_tied_output
 from .memory import release_free_heap
 
 SINGLE_FILE = "model.safetensors"
@@ -46,7 +47,7 @@ class SafetensorsCheckpoint:
             with safe_open(file, framework="pt") as handle:
                 return list(handle.keys())
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise _corrupt(file, exc) from None
+            raise corrupt_checkpoint(file, exc) from None
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, opening each shard once."""
@@ -62,7 +63,7 @@ class SafetensorsCheckpoint:
                         # so far resident, i.e. the whole dense model by the last block.
                         tensors[name] = handle.get_tensor(name).clone()
             except Exception as exc:
-                raise _corrupt(file, exc) from None
+                raise corrupt_checkpoint(file, exc) from None
         return tensors
 
 
@@ -136,7 +137,6 @@ def _match_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str] | Non
     one and absent in the other; None if some non-tied tensor has no key (a checkpoint that
     needs renaming or fusing, which transformers' loader knows how to do and we do not)."""
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
-    tied = _tied_output_name(model)
     key_of = {}
     for name in model.state_dict():
         for key in (name, name.removeprefix(prefix), prefix + name):
@@ -144,23 +144,6 @@ def _match_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str] | Non
                 key_of[name] = key
                 break
         else:
-            if name != tied:
+            if not is_tied_output(model, name):
                 return None
     return key_of
-
-
-def _tied_output_name(model: PreTrainedModel) -> str | None:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return None
-    output = model.get_output_embeddings()
-    if output is None:
-        return None
-    return next(
-        (n for n, p in model.named_parameters(remove_duplicate=False) if p is output.weight), None
-    )
-
-
-def _corrupt(file: Path, exc: BaseException) -> SketchtuneError:
-    text = str(exc).strip().splitlines()
-    reason = text[0] if text else type(exc).__name__
-    return SketchtuneError(f"corrupt or truncated checkpoint {file}: {reason}")
