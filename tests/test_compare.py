@@ -102,3 +102,25 @@ def test_math_tasks_are_scored_by_generation_only(tiny_model_dir, tiny_task_file
     assert set(row["tasks"]["ARC-Easy"]) == {"loglik", "generate"}
     header = (tmp_path / "b" / "results.md").read_text().splitlines()[0]
     assert "gsm8k generate acc" in header and "gsm8k loglik" not in header
+
+
+@pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data")
+def test_compare_extends_an_output_with_the_same_settings(tiny_model_dir, tiny_task_file,
+                                                          tmp_path, capsys):
+    out = tmp_path / "cmp"
+    steps = ("--steps", "2", "--batch-size", "2")
+    assert main(compare_args(tiny_model_dir, tiny_task_file, out, *steps)) == 0
+    results = json.loads((out / "results.json").read_text())
+    results["rows"][0]["marker"] = "from the first run"
+    (out / "results.json").write_text(json.dumps(results))
+
+    assert main(compare_args(tiny_model_dir, tiny_task_file, out, "--steps", "3")) == 2
+    assert "--force" in capsys.readouterr().err  # other settings: replacing needs --force
+
+    args = compare_args(tiny_model_dir, tiny_task_file, out, *steps)
+    args[args.index("dense")] = "dense,dora"
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "dora"]
+    assert rows[0]["marker"] == "from the first run"  # not recomputed
+    assert rows[1]["trainable_parameters"] > 0 and rows[1]["heldout_nll"] > 0
