@@ -223,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--samples", type=_positive, default=16, help="calibration sequences")
+    p.add_argument("--samples", type=_positive, default=8, help="calibration sequences")
     p.add_argument("--seq-len", type=_positive, default=512)
-    p.add_argument("--steps", type=_positive, default=40, help="fine-tuning steps per method")
+    p.add_argument("--steps", type=_positive, default=30, help="fine-tuning steps per method")
     p.add_argument("--limit", type=_positive, default=100, help="held-out test items")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -23,7 +23,7 @@ DEMO_PROMPT = "What is the capital of France?"
 
 
 def run_demo(
-    output_dir: Path, samples: int = 16, seq_len: int = 512, steps: int = 40, limit: int = 100
+    output_dir: Path, samples: int = 8, seq_len: int = 512, steps: int = 30, limit: int = 100
 ) -> dict:
     sketch_dir = output_dir / "smollm2-135m-sketch"
     print(f"[1/3] compressing {DEMO_MODEL} -> {sketch_dir}", flush=True)
