@@ -19,16 +19,17 @@ def shared_data_available() -> bool:
 
 @pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data")
 def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
-    out = tmp_path / "cmp"
+    out, saved = tmp_path / "cmp", tmp_path / "trained"
     code = main([
         "compare", str(tiny_model_dir), "--data", str(tiny_task_file), "--task", "ARC-Easy",
-        "--methods", "dense,sketch,lora", "--steps", "3", "--batch-size", "4",
+        "--methods", "dense,sketch,lora,qlora", "--steps", "3", "--batch-size", "4",
         "--limit", "6", "--nll-limit", "4", "--samples", "2", "-o", str(out),
+        "--save-trained", str(saved),
     ])
     assert code == 0, capsys.readouterr().err[-2000:]
     results = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["dense", "sketch", "lora"]
+    assert list(rows) == ["dense", "sketch", "lora", "qlora"]
     # Matched budgets: sketch and LoRA train about the same number of parameters.
     ratio = rows["sketch"]["trainable_parameters"] / rows["lora"]["trainable_parameters"]
     assert 0.8 < ratio < 1.25
@@ -39,11 +40,42 @@ def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
         assert row["heldout_nll"] > 0
         assert 0 <= row["tasks"]["ARC-Easy"]["loglik"]["accuracy"] <= 1
     with (out / "results.csv").open() as handle:
-        assert len(list(csv.reader(handle))) == 4
+        assert len(list(csv.reader(handle))) == 5
     assert (out / "comparison.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "held-out NLL" in md
     assert all("[" in line.split("|")[2] for line in md.splitlines()[2:])  # NLL with its CI
+    assert_saved_methods_reload(tiny_model_dir, saved, rows)
+
+
+def assert_saved_methods_reload(tiny_model_dir, saved, rows):
+    """What --save-trained kept, loaded the way users load it, scores as the row says."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from sketchtune.api import load_any
+    from sketchtune.baselines import qlora_style_model
+    from sketchtune.evaluate.run import evaluate
+    from sketchtune.task_sketch import apply_task_sketch, load_task_sketch
+
+    def heldout_nll(model, tokenizer):
+        return evaluate(model.eval(), tokenizer, "ARC-Easy", "nll", limit=4)["nll"]
+
+    model, tokenizer = load_any(str(saved / "sketch" / "base"))
+    apply_task_sketch(model, load_task_sketch(saved / "sketch" / "task-sketch"))
+    # the base file keeps embeddings and norms in bf16, hence the looser tolerance
+    assert heldout_nll(model, tokenizer) == pytest.approx(rows["sketch"]["heldout_nll"], rel=2e-2)
+
+    model, tokenizer = load_any(str(tiny_model_dir))
+    lora = PeftModel.from_pretrained(model, saved / "lora")
+    assert heldout_nll(lora, tokenizer) == pytest.approx(rows["lora"]["heldout_nll"], rel=1e-4)
+
+    factors = load_file(saved / "qlora" / "lora.safetensors")
+    model, tokenizer = load_any(str(tiny_model_dir))
+    qlora = qlora_style_model(model, next(iter(factors.values())).shape[0])
+    missing, unexpected = qlora.load_state_dict(factors, strict=False)
+    assert not unexpected and all("lora" not in name for name in missing)
+    assert heldout_nll(qlora, tokenizer) == pytest.approx(rows["qlora"]["heldout_nll"], rel=1e-4)
 
 
 def test_unknown_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
@@ -124,3 +156,4 @@ def test_compare_extends_an_output_with_the_same_settings(tiny_model_dir, tiny_t
     assert [r["method"] for r in rows] == ["dense", "dora"]
     assert rows[0]["marker"] == "from the first run"  # not recomputed
     assert rows[1]["trainable_parameters"] > 0 and rows[1]["heldout_nll"] > 0
+

@@ -103,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, seq_len=args.seq_len, lr_sketch=args.lr_sketch,
         lr_lora=args.lr_lora, seed=args.seed, limit=args.limit, nll_limit=args.nll_limit,
         generate_limit=args.generate_limit, calib_samples=args.samples, sketched=args.sketched,
-        heldout=args.heldout, data_root=args.data_root,
+        heldout=args.heldout, data_root=args.data_root, save_trained=args.save_trained,
     )
     compare(config, args.output, force=args.force)
     print((Path(args.output) / "results.md").read_text())
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketched", help="reuse this compressed base instead of compressing")
     p.add_argument("--heldout", help="task for the held-out NLL (default: the --data task)")
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
+    p.add_argument("--save-trained", metavar="DIR",
+                   help="keep each trained method in DIR/<method> (task sketch, PEFT adapter, ...)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_compare)
 

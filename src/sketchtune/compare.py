@@ -50,6 +50,7 @@ class CompareConfig:
     sketched: str | None = None  # reuse an already compressed base (must match bits/gpr)
     heldout: str | None = None  # task for the held-out NLL; default: the training task's test
     data_root: str | None = None
+    save_trained: str | None = None  # folder for each trained method's weights (not a setting)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -165,6 +166,8 @@ def run_method(method: str, cfg: CompareConfig) -> dict:
             )
             metrics = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text()
                        .splitlines()]
+        if cfg.save_trained:
+            save_trained(model, tokenizer, method, cfg, Path(cfg.save_trained) / method)
         row.update(
             train_loss=result.training_loss,
             train_seconds=seconds,
@@ -232,10 +235,41 @@ def _earlier_rows(output: Path, settings: dict) -> dict[str, dict]:
     return {}
 
 
+def save_trained(model, tokenizer, method: str, cfg: CompareConfig, folder: Path) -> None:
+    """Keep what a method trained, in the form its users load: a task sketch (plus the
+    compressed base when compare made it), a PEFT adapter, or the QLoRA-style LoRA factors."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_directory
+    from .hub import save_sketched
+    from .task_sketch import extract_task_sketch, write_task_sketch
+
+    with atomic_directory(folder, force=True) as temp:
+        if method == "sketch":
+            if not cfg.sketched:  # the base was compressed in this run: keep it too
+                save_sketched(model, tokenizer, temp / "base")
+            base = cfg.sketched or str(folder / "base")
+            (temp / "task-sketch").mkdir()
+            write_task_sketch(extract_task_sketch(model, {"base": base}), temp / "task-sketch")
+        elif method in ("lora", "dora"):
+            model.save_pretrained(temp)
+        else:  # qlora: our own layers, so a plain file of the trained factors by name
+            trained = {name: p.detach().contiguous() for name, p in model.named_parameters()
+                       if p.requires_grad}
+            save_file(trained, temp / "lora.safetensors", metadata={"rank": str(
+                next(iter(trained.values())).shape[0])})
+
+
+_NOT_SETTINGS = ("methods", "save_trained")  # neither changes any method's row
+
+
 def _same_run(a: dict, b: dict) -> bool:
-    """Whether a kept row answers these settings: all but the list of methods must match (one
-    method's row does not depend on which others run beside it)."""
-    return {**a, "methods": None} == {**b, "methods": None}
+    """Whether a kept row answers these settings: all must match but those that leave a method's
+    row as it is (the list of methods: a row does not depend on which others run beside it)."""
+    def settings(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in _NOT_SETTINGS}
+
+    return settings(a) == settings(b)
 
 
 def _worker() -> None:
