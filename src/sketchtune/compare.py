@@ -240,7 +240,6 @@ def save_trained(model, tokenizer, method: str, cfg: CompareConfig, folder: Path
     compressed base when compare made it), a PEFT adapter, or the QLoRA-style LoRA factors."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_directory
     from .hub import save_sketched
     from .task_sketch import extract_task_sketch, write_task_sketch
 
