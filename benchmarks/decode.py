@@ -1,8 +1,9 @@
 """Issue-5 end-to-end targets on SmolLM2-135M: greedy decode tokens/s and a training step.
 
-Variants: the dense fp32 model; the sketched model as loaded (lm_head = the fp32 tied embedding);
-the sketched model with lm_head in bf16; the sketched model with lm_head itself sketched to 4 bits
-(equal-count quantile tables, for speed only: it changes the model's outputs). The tokens per
+Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
+lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
+that with lm_head in bf16; and with lm_head itself sketched to 4 bits (equal-count quantile tables,
+for speed only: it changes the model's outputs). The tokens per
 second are the median over --repeats decodes of --new-tokens tokens (always that many: no stop at
 EOS). A profile of a short decode says where the sketched model's time goes. Then a training
 step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast kernels and
@@ -181,15 +182,20 @@ def main() -> None:
     head_weight = dense.get_output_embeddings().weight
     del dense
 
-    sketched, _ = load_any(sketched_dir)
+    sketched, _ = load_any(sketched_dir)  # fp32 tables, as for training
     sketched.eval()
-    variants = {"sketched, lm_head fp32": sketched}
-    bf16_head = copy.deepcopy(sketched)
+    variants = {"sketched, fp32 tables, lm_head fp32": sketched}
+    stored, _ = load_any(sketched_dir, values_dtype=None)  # bf16 tables, as for inference
+    stored.eval()
+    variants["sketched, bf16 tables, lm_head fp32"] = stored
+    bf16_head = copy.deepcopy(stored)
     bf16_head.lm_head = Bf16Head(head_weight)
-    variants["sketched, lm_head bf16"] = bf16_head
-    sketched_head = copy.deepcopy(sketched)
+    variants["sketched, bf16 tables, lm_head bf16"] = bf16_head
+    sketched_head = copy.deepcopy(stored)
     sketched_head.lm_head = quantile_sketch(head_weight)
-    variants["sketched, lm_head sketched (speed only)"] = sketched_head
+    with torch.no_grad():
+        sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.bfloat16())
+    variants["sketched, bf16 tables, lm_head sketched (speed only)"] = sketched_head
     for name, model in variants.items():
         rates[name] = tokens_per_second(model, inputs, args.new_tokens, args.repeats)
 
@@ -203,7 +209,7 @@ def main() -> None:
         print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
         profile(sketched_head, inputs)
     if not args.no_train:
-        del bf16_head, sketched_head
+        del stored, bf16_head, sketched_head
         train_step_report(sketched, args.repeats)
 
 

@@ -1,7 +1,8 @@
 """Issue-5 kernel targets on this CPU, measured in one run.
 
 Prints, for a 4096 x 4096 layer (4 bits, gpr 4 unless told): the single-row LUT GEMV against
-torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4, prefill of 512 tokens against
+torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4 (fp32 tables as in training,
+bf16 tables as stored and loaded for inference), prefill of 512 tokens against
 dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens) against the reference path,
 and the machine's streaming-read bandwidth with the floor it implies for the GEMV.
 Every time is the median of --repeats medians (the machine is shared: expect noise).
@@ -81,16 +82,18 @@ def main() -> None:
 
     for bits in (4, 3, 2):
         codes, values = random_sketch(d, d, bits, args.gpr)
-        t = median_time(lambda: kernels.lut_linear(x, codes, values, bits), r)  # noqa: B023
-        moved = codes.numel() + values.numel() * 4 + x.numel() * 4 + d * 4
-        line = (
-            f"{bits}-bit GEMV {t * 1e3:8.3f} ms  {t / d / d * 1e12:6.1f} ps/weight  "
-            f"{moved / t / 1e9:6.2f} GB/s achieved, floor {moved / bandwidth * 1e3:.3f} ms "
-            f"({t * bandwidth / moved:.2f}x floor)"
-        )
-        if bits == 4:
-            line += f"  vs dense fp32 {t_fp32 / t:5.2f}x faster, bf16 {t_bf16 / t:5.2f}x faster"
-        print(line)
+        # fp32 tables as in training; bf16 tables as stored on disk and loaded for inference
+        for tables in (values, values.bfloat16()):
+            t = median_time(lambda: kernels.lut_linear(x, codes, tables, bits), r)  # noqa: B023
+            moved = codes.numel() + tables.numel() * tables.element_size() + (x.numel() + d) * 4
+            line = (
+                f"{bits}-bit GEMV, {str(tables.dtype)[6:]:8s} tables {t * 1e3:7.3f} ms "
+                f"{t / d / d * 1e12:6.1f} ps/weight {moved / t / 1e9:6.2f} GB/s achieved, "
+                f"floor {moved / bandwidth * 1e3:.3f} ms ({t * bandwidth / moved:.2f}x floor)"
+            )
+            if bits == 4:
+                line += f"  vs dense fp32 {t_fp32 / t:5.2f}x faster, bf16 {t_bf16 / t:5.2f}x"
+            print(line)
 
     codes, values = random_sketch(d, d, 4, args.gpr)
     xs = torch.randn(args.prefill, d)

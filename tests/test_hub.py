@@ -32,6 +32,23 @@ def test_reload_gives_bit_identical_logits_and_generates(sketched_dir):
     assert loaded.model.layers[1].self_attn.q_proj.values.dtype == torch.float32
 
 
+def test_values_kept_as_stored_give_the_same_model_for_inference(sketched_dir):
+    _, folder = sketched_dir
+    widened, stored = load(folder), load(folder, values_dtype=None)
+    layer = stored.model.layers[1].self_attn.q_proj
+    assert layer.values.dtype == torch.bfloat16  # what the file holds
+    wide = widened.model.layers[1].self_attn.q_proj
+    torch.testing.assert_close(layer.values.float(), wide.values)
+    with torch.no_grad():  # one prompt row: the GEMV reads the bf16 tables; two: the tiled path
+        for prompt in (PROMPT[:1], PROMPT):
+            torch.testing.assert_close(
+                stored(prompt).logits, widened(prompt).logits, rtol=1e-4, atol=1e-4
+            )
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+    prompt = PROMPT[:1]
+    assert torch.equal(stored.generate(prompt, **greedy), widened.generate(prompt, **greedy))
+
+
 def test_tied_embeddings_survive_the_round_trip(tmp_path):
     model = tiny_model("llama")
     compress_model(model, CALIB, SketchConfig(), progress=False)

@@ -87,6 +87,22 @@ def test_every_kernel_matches_reference(isa, bits, gpr):
             assert_matches_reference(codes, packed, values, bits, x)
 
 
+@pytest.mark.parametrize("bits,gpr", SETTINGS)
+def test_bf16_tables_match_the_reference_on_their_fp32_values(isa, bits, gpr):
+    # bf16 values (as stored on disk): the GEMV reads them directly, the tiled path widens them.
+    for i, size in enumerate(group_sizes(bits, gpr)):
+        d_out = (7, 13, 1, 33)[i % 4]
+        codes, packed, values = sketch(d_out, size * gpr, bits, gpr, seed=i)
+        values = values.bfloat16()
+        for n in ROWS[i % 3 :: 3]:
+            x = torch.randn(n, size * gpr)
+            torch.testing.assert_close(
+                ops.lut_linear(x, packed, values, bits),
+                reference.lut_linear_forward(x, codes, values.float()),
+                rtol=1e-4, atol=2e-4,
+            )
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4))
 def test_multi_tile_shapes_and_leading_dims(bits):
     # About 1.1M weights: more than one dequantized tile in every direction.

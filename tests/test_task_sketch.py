@@ -58,6 +58,19 @@ def test_task_sketches_swap_on_one_base_and_reload(tmp_path):
     assert load_task_sketch(tmp_path / "a").info == {"task": "a"}
 
 
+def test_task_sketch_on_a_base_with_bf16_tables_keeps_its_fp32_values(tmp_path):
+    base_dir = sketched_base(tmp_path)
+    trained = load(base_dir)
+    nudge(trained, 1e-3)  # below bf16 resolution for most entries
+    save_task_sketch(extract_task_sketch(trained), tmp_path / "t")
+    model = load(base_dir, task_sketch=tmp_path / "t", values_dtype=None)
+    for name, param in model.named_parameters():
+        if name.endswith(".values"):
+            assert param.dtype == torch.float32
+            assert torch.equal(param, trained.get_parameter(name))
+    assert torch.equal(logits(model), logits(trained))
+
+
 def test_task_sketch_on_another_base_is_a_clear_error(tmp_path):
     model = load(sketched_base(tmp_path))
     save_task_sketch(extract_task_sketch(model), tmp_path / "t")

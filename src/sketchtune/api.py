@@ -25,9 +25,11 @@ def load(
     path: str | os.PathLike,
     task_sketch: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    values_dtype: torch.dtype | None = torch.float32,
 ) -> PreTrainedModel:
-    """A sketched model folder, with a task sketch's values applied when one is given."""
-    model = hub.load(path, dtype=dtype)
+    """A sketched model folder, with a task sketch's values applied when one is given.
+    `values_dtype`: see `hub.load` (None: as stored, for inference)."""
+    model = hub.load(path, dtype=dtype, values_dtype=values_dtype)
     if task_sketch is not None:
         apply_task_sketch(model, load_task_sketch(task_sketch))
     return model
@@ -37,10 +39,11 @@ def load_any(
     name_or_path: str,
     task_sketch: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    values_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sketched model folder (plus optional task sketch), or any dense source model."""
     if Path(name_or_path).is_dir() and hub.sketch_config_of(name_or_path) is not None:
-        model = load(name_or_path, task_sketch, dtype=dtype)
+        model = load(name_or_path, task_sketch, dtype=dtype, values_dtype=values_dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:

@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
 
-    model, tokenizer = load_any(args.model, args.task_sketch)
+    model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
 
 
@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate.run import check_task, evaluate
 
     tasks = [check_task(t.strip(), args.protocol, args.data_root) for t in args.task.split(",")]
-    model, tokenizer = load_any(args.model, args.task_sketch)
+    model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
     summary = {"model": args.model, "task_sketch": args.task_sketch, "results": []}
     for task in tasks:
         result = evaluate(

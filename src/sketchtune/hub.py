@@ -102,8 +102,14 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise corrupt_checkpoint(file, exc) from None
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a sketched model folder. Dense parts come back in `dtype`; `values` always in fp32."""
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    values_dtype: torch.dtype | None = torch.float32,
+) -> PreTrainedModel:
+    """Load a sketched model folder. Dense parts come back in `dtype`, `values` in `values_dtype`
+    (fp32 for training); None keeps them as stored (bf16: lossless, half the table bytes, and the
+    CPU GEMV reads them as they are, which is faster for inference)."""
     path = Path(path)
     quant = sketch_config_of(path)
     if quant is None:
@@ -141,7 +147,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrai
                 f"config expects {tuple(expected[name].shape)}"
             )
         if tensor.is_floating_point():
-            stored[name] = tensor.to(torch.float32 if name.endswith(".values") else dtype)
+            if name.endswith(".values"):
+                stored[name] = tensor if values_dtype is None else tensor.to(values_dtype)
+            else:
+                stored[name] = tensor.to(dtype)
     model.load_state_dict(stored, strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())

@@ -66,7 +66,13 @@ def apply_task_sketch(model: nn.Module, sketch: TaskSketch) -> None:
         raise SketchtuneError("task sketch does not cover the same layers as this model")
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.values.copy_(sketch.values[name])
+            new = sketch.values[name]
+            if new.dtype == layer.values.dtype:
+                layer.values.copy_(new)
+            else:  # e.g. a base loaded with its bf16 tables: take the fp32 tables unrounded
+                layer.values = nn.Parameter(
+                    new.to(layer.values.device), requires_grad=layer.values.requires_grad
+                )
 
 
 def write_task_sketch(sketch: TaskSketch, folder: str | os.PathLike) -> None:

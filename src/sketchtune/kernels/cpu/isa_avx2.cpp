@@ -2,7 +2,8 @@
 // table. 4 bits: 64 codes per chunk through byte planes: the table's 16 floats split into 4
 // 16-byte planes (byte k of every entry), vpshufb looks up 32 codes in a plane, and unpacks
 // reassemble the floats (in a lane order the GEMV's x follows). Where a group has no room for a
-// 64-code chunk, 8-code chunks with two vpermps and a blend on the top bit take over.
+// 64-code chunk, 8-code chunks with two vpermps and a blend on the top bit take over. bf16 tables
+// at 4 bits take a two-plane variant of the 64-code chunk.
 #include "lut_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -32,6 +33,7 @@ struct Avx2 {
   template <int BITS>
   struct Perm {
     static constexpr int L = 8, LOAD = 4;
+    using Entry = float;
     struct T {
       __m256 lo, hi;
     };
@@ -75,6 +77,7 @@ struct Avx2 {
 
   struct Planes {
     static constexpr int L = 64, LOAD = 32;
+    using Entry = float;
     struct T {
       __m256i plane[4];  // plane k: byte k of the 16 entries, in both 128-bit halves
     };
@@ -120,8 +123,56 @@ struct Avx2 {
     }
   };
 
+  // 4 bits from bf16 tables: 64 codes per chunk through 2 byte planes (8 shuffles, not 24), then
+  // each 16-bit value becomes an fp32 by a shift or a mask instead of more unpacks.
+  struct Bf16Planes {
+    static constexpr int L = 64, LOAD = 32;
+    using Entry = uint16_t;
+    struct T {
+      __m256i low, high;  // low (high) byte of the 16 entries, in both 128-bit halves
+    };
+
+    // out[4h + 2m + e] lane i holds the code in nibble h of byte 16 (i / 4) + 8 m + 2 (i % 4) + e.
+    static int lane_column(int lane) {
+      const int k = lane / 8, i = lane % 8;
+      const int h = k / 4, m = (k / 2) % 2, e = k % 2;
+      return 2 * (16 * (i / 4) + 8 * m + 2 * (i % 4) + e) + h;
+    }
+
+    static T table(const uint16_t* v) {
+      const __m128i split =
+          _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      // entries 0-7 and 8-15, each as 8 low bytes then 8 high bytes
+      const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)),
+                                         split);
+      const __m128i b = _mm_shuffle_epi8(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8)), split);
+      return {_mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b)),
+              _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b))};
+    }
+
+    static void lookup(const T& t, const uint8_t* p, V* out) {
+      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      const __m256i upper = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i idx[2] = {_mm256_and_si256(c, nibble),
+                              _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i lo = _mm256_shuffle_epi8(t.low, idx[h]);
+        const __m256i hi = _mm256_shuffle_epi8(t.high, idx[h]);
+        const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+        for (int m = 0; m < 2; ++m) {
+          out[4 * h + 2 * m] = _mm256_castsi256_ps(_mm256_slli_epi32(words[m], 16));
+          out[4 * h + 2 * m + 1] = _mm256_castsi256_ps(_mm256_and_si256(words[m], upper));
+        }
+      }
+    }
+  };
+
   template <int BITS>
   using Big = std::conditional_t<BITS == 4, Planes, Perm<BITS>>;
+  template <int BITS>
+  using BigBf16 = std::conditional_t<BITS == 4, Bf16Planes, Big<BITS>>;
   template <int BITS>
   using Small = std::conditional_t<BITS == 4, Perm<4>, NoChunk>;
 

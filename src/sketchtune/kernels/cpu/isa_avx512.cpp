@@ -29,6 +29,7 @@ struct Avx512 {
   template <int BITS>
   struct Chunk {
     static constexpr int L = 16, LOAD = 8;
+    using Entry = float;
     using T = __m512;
 
     static int lane_column(int lane) { return lane / 2 + 8 * (lane % 2); }

@@ -14,6 +14,7 @@ struct Emu16 {
   template <int BITS>
   struct Chunk {
     static constexpr int L = 16, LOAD = 8;
+    using Entry = float;
     using T = V;
 
     static int lane_column(int lane) { return lane / 2 + 8 * (lane % 2); }

@@ -4,11 +4,14 @@
 // An ISA type I provides the vector type V of W floats (zero, load, fma, add, hsum) and, per bit
 // width, two chunk policies: Big<BITS> for the GEMV body and Small<BITS> (natural column order)
 // for the stretches of a group too short or misaligned for a big chunk; NoChunk where absent.
+// It may add BigBf16<BITS>, a body policy that reads bf16 tables directly; without one, the bf16
+// GEMV widens each (row, group) table to fp32 and runs Big<BITS>.
 // A chunk policy P turns the bytes of P::L codes, starting at a column that is a multiple of
 // P::L, into P::L / W vectors of weights:
-//   L, LOAD (bytes a read may touch), T (its table), table(values), lookup(t, bytes, out[]),
-//   lane_column(i) (column of the i-th weight of out[] within the chunk), store(t, bytes, out)
-//   (the L weights in column order; needed of the policy that dequantize uses).
+//   L, LOAD (bytes a read may touch), Entry (float, or uint16_t for bf16 bits), T (its table),
+//   table(entries), lookup(t, bytes, out[]), lane_column(i) (column of the i-th weight of out[]
+//   within the chunk), store(t, bytes, out) (the L weights in column order; needed of the policy
+//   that dequantize uses).
 #pragma once
 
 #include <algorithm>
@@ -23,8 +26,36 @@ namespace {
 
 struct NoChunk {
   static constexpr int L = 0, LOAD = 0;
+  using Entry = float;
   static int lane_column(int lane) { return lane; }
 };
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The GEMV body policy for tables of type Tab: I::BigBf16<BITS> where I has one for bf16.
+template <class I, int BITS, class Tab, class = void>
+struct BodyPolicy {
+  using type = typename I::template Big<BITS>;
+};
+template <class I, int BITS>
+struct BodyPolicy<I, BITS, uint16_t, std::void_t<typename I::template BigBf16<BITS>>> {
+  using type = typename I::template BigBf16<BITS>;
+};
+template <class I, int BITS, class Tab>
+using Body = typename BodyPolicy<I, BITS, Tab>::type;
+
+template <class Tab>
+const Tab* tables_of(const Sketch& s) {
+  if constexpr (std::is_same_v<Tab, float>)
+    return s.values;
+  else
+    return s.values_bf16;
+}
 
 template <int BITS>
 inline int code_at(const uint8_t* row, int64_t c) {
@@ -135,10 +166,10 @@ inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x
   }
 }
 
-template <class I, int BITS, int NB>
+template <class I, int BITS, int NB, class Tab>
 void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   using V = typename I::V;
-  using Big = typename I::template Big<BITS>;
+  using Big = Body<I, BITS, Tab>;
   using Small = typename I::template Small<BITS>;
   constexpr int K = 1 << BITS;
   constexpr int NACC = NB >= 4 ? 1 : 4 / NB;  // FMA chains per activation row: 4 or more in all
@@ -150,7 +181,15 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
       for (auto& v : chain) v = I::zero();
     float rest[NB] = {};
     for (int64_t g = 0; g < s.gpr; ++g) {
-      const float* table = s.values + (r * s.gpr + g) * K;
+      const Tab* entries = tables_of<Tab>(s) + (r * s.gpr + g) * K;
+      const float* table;
+      float widened[K];
+      if constexpr (std::is_same_v<Tab, float>) {
+        table = entries;
+      } else {
+        for (int k = 0; k < K; ++k) widened[k] = bf16_to_float(entries[k]);
+        table = widened;
+      }
       const int64_t c0 = g * group, c1 = c0 + group;
       const Split sp = split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb);
       scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.s0, rest);
@@ -159,8 +198,14 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
         chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.s0, sp.b0, acc);
         chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.b1, sp.s1, acc);
       }
-      if constexpr (Big::L > 0)
-        chunk_dot<I, Big, BITS, NB>(Big::table(table), row, a.x_lane, n, sp.b0, sp.b1, acc);
+      if constexpr (Big::L > 0) {
+        const typename Big::Entry* body_entries;
+        if constexpr (std::is_same_v<typename Big::Entry, float>)
+          body_entries = table;
+        else
+          body_entries = entries;
+        chunk_dot<I, Big, BITS, NB>(Big::table(body_entries), row, a.x_lane, n, sp.b0, sp.b1, acc);
+      }
       scalar_dot<BITS, NB>(row, table, a.x, n, sp.s1, c1, rest);
     }
     for (int b = 0; b < NB; ++b) {
@@ -195,23 +240,23 @@ void dequant_rows(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c
   }
 }
 
-template <class I, int BITS>
+template <class I, int BITS, class Tab>
 void gemv_bits(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   static_assert(kGemvRows == 4, "one instantiation per activation row count");
   switch (a.nb) {
-    case 1: return gemv_rows<I, BITS, 1>(s, a, r0, r1);
-    case 2: return gemv_rows<I, BITS, 2>(s, a, r0, r1);
-    case 3: return gemv_rows<I, BITS, 3>(s, a, r0, r1);
-    default: return gemv_rows<I, BITS, 4>(s, a, r0, r1);
+    case 1: return gemv_rows<I, BITS, 1, Tab>(s, a, r0, r1);
+    case 2: return gemv_rows<I, BITS, 2, Tab>(s, a, r0, r1);
+    case 3: return gemv_rows<I, BITS, 3, Tab>(s, a, r0, r1);
+    default: return gemv_rows<I, BITS, 4, Tab>(s, a, r0, r1);
   }
 }
 
-template <class I>
+template <class I, class Tab>
 void gemv(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   switch (s.bits) {
-    case 2: return gemv_bits<I, 2>(s, a, r0, r1);
-    case 3: return gemv_bits<I, 3>(s, a, r0, r1);
-    default: return gemv_bits<I, 4>(s, a, r0, r1);
+    case 2: return gemv_bits<I, 2, Tab>(s, a, r0, r1);
+    case 3: return gemv_bits<I, 3, Tab>(s, a, r0, r1);
+    default: return gemv_bits<I, 4, Tab>(s, a, r0, r1);
   }
 }
 
@@ -232,15 +277,17 @@ const int* lane_columns() {
   return columns;
 }
 
+template <class I, class Tab>
+Gemv gemv_for() {
+  return {{0, 0, Body<I, 2, Tab>::L, Body<I, 3, Tab>::L, Body<I, 4, Tab>::L},
+          {nullptr, nullptr, lane_columns<Body<I, 2, Tab>>(), lane_columns<Body<I, 3, Tab>>(),
+           lane_columns<Body<I, 4, Tab>>()},
+          &gemv<I, Tab>};
+}
+
 template <class I>
 const Kernels* make_kernels(const char* name) {
-  static const Kernels k{
-      name,
-      {0, 0, I::template Big<2>::L, I::template Big<3>::L, I::template Big<4>::L},
-      {nullptr, nullptr, lane_columns<typename I::template Big<2>>(),
-       lane_columns<typename I::template Big<3>>(), lane_columns<typename I::template Big<4>>()},
-      &gemv<I>,
-      &dequant<I>};
+  static const Kernels k{name, gemv_for<I, float>(), gemv_for<I, uint16_t>(), &dequant<I>};
   return &k;
 }
 

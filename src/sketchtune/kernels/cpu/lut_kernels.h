@@ -7,11 +7,13 @@
 
 namespace sketchtune {
 
-// One sketched weight: packed codes (d_out, d_in * bits / 8) and fp32 tables (d_out, gpr, 2**bits),
-// both contiguous. Column c of row r reads values[r, c / (d_in / gpr), code(r, c)].
+// One sketched weight: packed codes (d_out, d_in * bits / 8) and tables (d_out, gpr, 2**bits),
+// both contiguous. Column c of row r reads values[r, c / (d_in / gpr), code(r, c)]. The tables are
+// fp32 (`values`) or, for the GEMV only, bf16 bit patterns (`values_bf16`); the other is nullptr.
 struct Sketch {
   const uint8_t* codes;
   const float* values;
+  const uint16_t* values_bf16;
   int64_t d_out, d_in, gpr, bits;
 
   int64_t row_bytes() const { return d_in * bits / 8; }
@@ -28,14 +30,19 @@ struct GemvArgs {
 
 constexpr int kGemvRows = 4;
 
-struct Kernels {
-  const char* name;
-  // For bits 2..4: codes per GEMV body chunk (0: none), and the column within its chunk of each
+// y[:, r0:r1] = x Ŵ[r0:r1]ᵀ, reading codes and tables directly.
+struct Gemv {
+  // For bits 2..4: codes per body chunk (0: none), and the column within its chunk of each
   // weight the chunk's lookup yields: x_lane holds x reordered so within every whole chunk.
   int chunk[5];
   const int* lane_column[5];
-  // y[:, r0:r1] = x Ŵ[r0:r1]ᵀ, reading codes and tables directly.
-  void (*gemv)(const Sketch&, const GemvArgs&, int64_t r0, int64_t r1);
+  void (*run)(const Sketch&, const GemvArgs&, int64_t r0, int64_t r1);
+};
+
+struct Kernels {
+  const char* name;
+  Gemv gemv;       // reads Sketch::values
+  Gemv gemv_bf16;  // reads Sketch::values_bf16
   // out[r - r0, c - c0] = Ŵ[r, c] for r in [r0, r1), c in [c0, c1); row stride ldo.
   void (*dequant)(const Sketch&, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                   int64_t ldo);

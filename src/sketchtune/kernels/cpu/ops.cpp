@@ -72,10 +72,13 @@ Sketch sketch_of(const Tensor& codes, const Tensor& values, int64_t bits, int64_
                   d_in % values.size(1) == 0,
               "sketchtune: values of shape ", values.sizes(), " do not fit codes of shape ",
               codes.sizes(), " at ", bits, " bits");
+  const bool bf16 = values.scalar_type() == at::kBFloat16;
   TORCH_CHECK(codes.is_contiguous() && values.is_contiguous() &&
-                  values.scalar_type() == at::kFloat,
-              "sketchtune: internal: codes and fp32 values must be contiguous");
-  return {codes.data_ptr<uint8_t>(), values.data_ptr<float>(), codes.size(0), d_in,
+                  (bf16 || values.scalar_type() == at::kFloat),
+              "sketchtune: internal: codes and fp32 or bf16 values must be contiguous");
+  const auto* raw = values.data_ptr();
+  return {codes.data_ptr<uint8_t>(), bf16 ? nullptr : static_cast<const float*>(raw),
+          bf16 ? static_cast<const uint16_t*>(raw) : nullptr, codes.size(0), d_in,
           values.size(1), bits};
 }
 
@@ -119,7 +122,7 @@ void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64
 }
 
 // x (n, d_in) with every whole chunk's columns reordered into the kernels' lane order.
-Tensor lane_order(const Kernels& k, int64_t bits, const Tensor& x) {
+Tensor lane_order(const Gemv& k, int64_t bits, const Tensor& x) {
   const int64_t L = k.chunk[bits];
   const int* column = k.lane_column[bits];
   bool natural = true;
@@ -137,7 +140,7 @@ Tensor lane_order(const Kernels& k, int64_t bits, const Tensor& x) {
 }
 
 void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
-  const Kernels& k = kernels();
+  const Gemv& k = s.values_bf16 ? kernels().gemv_bf16 : kernels().gemv;
   const int64_t n = x.size(0);
   if (n == 0) return;
   const Tensor xl = lane_order(k, s.bits, x);
@@ -148,7 +151,7 @@ void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
     for (int64_t b = 0; b < n; b += kGemvRows) {
       const GemvArgs a{xp + b * s.d_in, xlp + b * s.d_in, yp + b * s.d_out,
                        std::min<int64_t>(kGemvRows, n - b), s.d_out};
-      k.gemv(s, a, r0, r1);
+      k.run(s, a, r0, r1);
     }
   });
 }
@@ -167,11 +170,15 @@ void tiled_forward(const Sketch& s, const Tensor& x, Tensor& y) {
 
 Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values, int64_t bits) {
   const int64_t d_in = x.size(-1);
-  const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
-  const Sketch s = sketch_of(c, v, bits, d_in);
   const Tensor x2 = as_fp32_rows(x, d_in);
+  // The GEMV reads bf16 tables as they are (half the table bytes); the tiled path widens them.
+  const bool gemv = x2.size(0) <= kGemvMaxRows;
+  const bool keep_bf16 = gemv && values.scalar_type() == at::kBFloat16;
+  const Tensor c = codes.contiguous();
+  const Tensor v = (keep_bf16 ? values : values.to(at::kFloat)).contiguous();
+  const Sketch s = sketch_of(c, v, bits, d_in);
   Tensor y = at::empty({x2.size(0), s.d_out}, x2.options());
-  if (x2.size(0) <= kGemvMaxRows)
+  if (gemv)
     lut_gemv(s, x2, y);
   else
     tiled_forward(s, x2, y);
