@@ -3,7 +3,7 @@
 // 16-byte planes (byte k of every entry), vpshufb looks up 32 codes in a plane, and unpacks
 // reassemble the floats (in a lane order the GEMV's x follows). Where a group has no room for a
 // 64-code chunk, 8-code chunks with two vpermps and a blend on the top bit take over. bf16 tables
-// at 4 bits take a two-plane variant of the 64-code chunk.
+// at 4 and 2 bits take a two-plane variant of the byte-plane chunk (64 or 128 codes).
 #include "lut_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -123,43 +123,51 @@ struct Avx2 {
     }
   };
 
-  // 4 bits from bf16 tables: 64 codes per chunk through 2 byte planes (8 shuffles, not 24), then
-  // each 16-bit value becomes an fp32 by a shift or a mask instead of more unpacks.
+  // 4 and 2 bits from bf16 tables: 32 bytes of codes per chunk through 2 byte planes (8 shuffles
+  // per 64 codes, not 24), then each 16-bit value becomes an fp32 by a shift or a mask.
+  template <int BITS>
   struct Bf16Planes {
-    static constexpr int L = 64, LOAD = 32;
+    static constexpr int FIELDS = 8 / BITS;  // codes per byte
+    static constexpr int L = 32 * FIELDS, LOAD = 32;
     using Entry = uint16_t;
     struct T {
-      __m256i low, high;  // low (high) byte of the 16 entries, in both 128-bit halves
+      __m256i low, high;  // low (high) byte of the 2**BITS entries, in both 128-bit halves
     };
 
-    // out[4h + 2m + e] lane i holds the code in nibble h of byte 16 (i / 4) + 8 m + 2 (i % 4) + e.
+    // out[4h + 2m + e] lane i holds the code in field h of byte 16 (i / 4) + 8 m + 2 (i % 4) + e.
     static int lane_column(int lane) {
       const int k = lane / 8, i = lane % 8;
       const int h = k / 4, m = (k / 2) % 2, e = k % 2;
-      return 2 * (16 * (i / 4) + 8 * m + 2 * (i % 4) + e) + h;
+      return FIELDS * (16 * (i / 4) + 8 * m + 2 * (i % 4) + e) + h;
     }
 
     static T table(const uint16_t* v) {
       const __m128i split =
           _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-      // entries 0-7 and 8-15, each as 8 low bytes then 8 high bytes
-      const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)),
-                                         split);
-      const __m128i b = _mm_shuffle_epi8(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8)), split);
-      return {_mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b)),
-              _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b))};
+      if constexpr (BITS == 4) {  // entries 0-7 and 8-15, each as 8 low bytes then 8 high bytes
+        const __m128i a = _mm_shuffle_epi8(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), split);
+        const __m128i b = _mm_shuffle_epi8(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8)), split);
+        return {_mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b)),
+                _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b))};
+      } else {  // 4 entries: low bytes in bytes 0-3, high bytes in bytes 8-11
+        const __m128i a = _mm_shuffle_epi8(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)), split);
+        return {_mm256_broadcastsi128_si256(a),
+                _mm256_broadcastsi128_si256(_mm_srli_si128(a, 8))};
+      }
     }
 
     static void lookup(const T& t, const uint8_t* p, V* out) {
-      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      const __m256i field = _mm256_set1_epi8((1 << BITS) - 1);
       const __m256i upper = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
       const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i idx[2] = {_mm256_and_si256(c, nibble),
-                              _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble)};
-      for (int h = 0; h < 2; ++h) {
-        const __m256i lo = _mm256_shuffle_epi8(t.low, idx[h]);
-        const __m256i hi = _mm256_shuffle_epi8(t.high, idx[h]);
+      for (int h = 0; h < FIELDS; ++h) {
+        // 16-bit shifts move bits across bytes; the mask keeps each byte's own field
+        const __m256i idx = _mm256_and_si256(h ? _mm256_srli_epi16(c, BITS * h) : c, field);
+        const __m256i lo = _mm256_shuffle_epi8(t.low, idx);
+        const __m256i hi = _mm256_shuffle_epi8(t.high, idx);
         const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
         for (int m = 0; m < 2; ++m) {
           out[4 * h + 2 * m] = _mm256_castsi256_ps(_mm256_slli_epi32(words[m], 16));
@@ -172,9 +180,9 @@ struct Avx2 {
   template <int BITS>
   using Big = std::conditional_t<BITS == 4, Planes, Perm<BITS>>;
   template <int BITS>
-  using BigBf16 = std::conditional_t<BITS == 4, Bf16Planes, Big<BITS>>;
+  using BigBf16 = std::conditional_t<BITS == 3, Big<3>, Bf16Planes<BITS>>;
   template <int BITS>
-  using Small = std::conditional_t<BITS == 4, Perm<4>, NoChunk>;
+  using Small = std::conditional_t<BITS == 3, NoChunk, Perm<BITS>>;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
