@@ -174,8 +174,15 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int K = 1 << BITS;
   constexpr int NACC = NB >= 4 ? 1 : 4 / NB;  // FMA chains per activation row: 4 or more in all
   const int64_t n = s.d_in, group = s.group(), rb = s.row_bytes();
+  // A split depends on the row only through how far a chunk's read may reach past the row's end;
+  // rows with at least kFar bytes after their end all split alike, so those splits are made once.
+  constexpr int64_t kFar = 64;  // more than any chunk's LOAD
+  Split far[8];
+  for (int64_t g = 0; g < s.gpr && g < 8; ++g)
+    far[g] = split<Big, Small, BITS>(g * group, (g + 1) * group, rb + kFar);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = s.codes + r * rb;
+    const bool near_end = (s.d_out - r) * rb < rb + kFar || s.gpr > 8;
     V acc[NACC][NB];
     for (auto& chain : acc)
       for (auto& v : chain) v = I::zero();
@@ -191,7 +198,7 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
         table = widened;
       }
       const int64_t c0 = g * group, c1 = c0 + group;
-      const Split sp = split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb);
+      const Split sp = near_end ? split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb) : far[g];
       scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.s0, rest);
       if constexpr (Small::L > 0) {
         const auto t = Small::table(table);
