@@ -193,8 +193,7 @@ def main() -> None:
     variants["sketched, bf16 tables, lm_head bf16"] = bf16_head
     sketched_head = copy.deepcopy(stored)
     sketched_head.lm_head = quantile_sketch(head_weight)
-    with torch.no_grad():
-        sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.bfloat16())
+    sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())
     variants["sketched, bf16 tables, lm_head sketched (speed only)"] = sketched_head
     for name, model in variants.items():
         rates[name] = tokens_per_second(model, inputs, args.new_tokens, args.repeats)

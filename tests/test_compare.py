@@ -156,4 +156,3 @@ def test_compare_extends_an_output_with_the_same_settings(tiny_model_dir, tiny_t
     assert [r["method"] for r in rows] == ["dense", "dora"]
     assert rows[0]["marker"] == "from the first run"  # not recomputed
     assert rows[1]["trainable_parameters"] > 0 and rows[1]["heldout_nll"] > 0
-
