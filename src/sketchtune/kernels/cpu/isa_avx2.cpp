@@ -184,6 +184,20 @@ struct Avx2 {
   template <int BITS>
   using Small = std::conditional_t<BITS == 3, NoChunk, Perm<BITS>>;
 
+  template <int K>
+  static void widen_bf16(const uint16_t* in, float* out) {
+    if constexpr (K == 4) {
+      const __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_slli_epi32(w, 16));
+    } else {
+      for (int k = 0; k < K; k += 8) {
+        const __m256i w =
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + k)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_slli_epi32(w, 16));
+      }
+    }
+  }
+
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }

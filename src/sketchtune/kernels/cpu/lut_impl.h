@@ -5,9 +5,10 @@
 // width, two chunk policies: Big<BITS> for the GEMV body and Small<BITS> (natural column order)
 // for the stretches of a group too short or misaligned for a big chunk; NoChunk where absent.
 // It may add BigBf16<BITS>, a body policy that reads bf16 tables directly; without one, the bf16
-// GEMV widens each (row, group) table to fp32 and runs Big<BITS>.
-// A chunk policy P turns the bytes of P::L codes, starting at a column that is a multiple of
-// P::L, into P::L / W vectors of weights:
+// GEMV widens each (row, group) table to fp32 and runs Big<BITS>. It may add widen_bf16<K>, a
+// faster way to widen K bf16 entries.
+// A chunk policy P turns the bytes of P::L codes, starting at a column whose code starts a byte,
+// into P::L / W vectors of weights:
 //   L, LOAD (bytes a read may touch), Entry (float, or uint16_t for bf16 bits), T (its table),
 //   table(entries), lookup(t, bytes, out[]), lane_column(i) (column of the i-th weight of out[]
 //   within the chunk), store(t, bytes, out) (the L weights in column order; needed of the policy
@@ -36,6 +37,18 @@ inline float bf16_to_float(uint16_t bits) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+// out[k] = in[k] as fp32 for k < K: I::widen_bf16<K> where I has one, else one entry at a time.
+template <class I, int K, class = void>
+struct Widen {
+  static void run(const uint16_t* in, float* out) {
+    for (int k = 0; k < K; ++k) out[k] = bf16_to_float(in[k]);
+  }
+};
+template <class I, int K>
+struct Widen<I, K, std::void_t<decltype(&I::template widen_bf16<K>)>> {
+  static void run(const uint16_t* in, float* out) { I::template widen_bf16<K>(in, out); }
+};
 
 // The GEMV body policy for tables of type Tab: I::BigBf16<BITS> where I has one for bf16.
 template <class I, int BITS, class Tab, class = void>
@@ -96,38 +109,28 @@ inline void scalar_dequant(const uint8_t* row, const float* table, int64_t c0, i
   for (int64_t c = c0; c < c1; ++c) out[c - c0] = table[code_at<BITS>(row, c)];
 }
 
-// How [c0, c1) is covered: scalar [c0, s0), small [s0, b0), big [b0, b1), small [b1, s1),
-// scalar [s1, c1). A chunk is used only if its reads stay within `bytes_left` of the row start.
+// How [c0, c1) is covered: scalar [c0, b0), big [b0, b1), small [b1, s1), scalar [s1, c1). Big
+// chunks follow each other from the first byte-aligned column (the GEMV's lane order of x assumes
+// exactly these positions, see `body_chunk_start`); a chunk is used only if its reads stay within
+// `bytes_left` of c0's row start, and small chunks take what big ones leave.
 struct Split {
-  int64_t s0, b0, b1, s1;
+  int64_t b0, b1, s1;
 };
 
 template <class Big, class Small, int BITS>
 inline Split split(int64_t c0, int64_t c1, int64_t bytes_left) {
-  constexpr int B = Big::L, S = Small::L, A = S ? S : B;
-  if constexpr (A == 0) {
-    return {c1, c1, c1, c1};
-  } else {
-    // last start column of a chunk of n codes that reads at most `load` bytes
-    auto last = [&](int n, int load) {
-      const int64_t by_bytes = bytes_left >= load ? (bytes_left - load) * 8 / BITS : -1;
-      return std::min(c1 - n, by_bytes);
-    };
-    auto count = [](int64_t c, int64_t lim, int n) { return c <= lim ? (lim - c) / n + 1 : 0; };
-    const int64_t s0 = std::min(c1, (c0 + A - 1) / A * A);
-    int64_t b0 = s0;
-    if constexpr (S > 0) {
-      const int64_t lim = last(S, Small::LOAD);
-      const int64_t target = B ? (s0 + B - 1) / B * B : s0;
-      b0 = s0 + std::min(count(s0, lim, S), (target - s0) / S) * S;
-    }
-    int64_t b1 = b0;
-    if constexpr (B > 0)
-      if (b0 % B == 0) b1 = b0 + count(b0, last(B, Big::LOAD), B) * B;
-    int64_t s1 = b1;
-    if constexpr (S > 0) s1 = b1 + count(b1, last(S, Small::LOAD), S) * S;
-    return {s0, b0, b1, s1};
-  }
+  constexpr int B = Big::L, S = Small::L;
+  // last start column of a chunk of n codes that reads at most `load` bytes
+  auto last = [&](int n, int load) {
+    const int64_t by_bytes = bytes_left >= load ? (bytes_left - load) * 8 / BITS : -1;
+    return std::min(c1 - n, by_bytes);
+  };
+  auto count = [](int64_t c, int64_t lim, int n) { return c <= lim ? (lim - c) / n + 1 : 0; };
+  const int64_t b0 = std::min(c1, body_chunk_start(c0, BITS));
+  int64_t b1 = b0, s1 = b0;
+  if constexpr (B > 0) b1 = s1 = b0 + count(b0, last(B, Big::LOAD), B) * B;
+  if constexpr (S > 0) s1 = b1 + count(b1, last(S, Small::LOAD), S) * S;
+  return {b0, b1, s1};
 }
 
 // acc += weights of chunks in [c0, c1) times x (x in P's lane order), NB activation rows.
@@ -188,23 +191,19 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
       for (auto& v : chain) v = I::zero();
     float rest[NB] = {};
     for (int64_t g = 0; g < s.gpr; ++g) {
+      const int64_t c0 = g * group, c1 = c0 + group;
+      const Split sp = near_end ? split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb) : far[g];
       const Tab* entries = tables_of<Tab>(s) + (r * s.gpr + g) * K;
-      const float* table;
+      // fp32 entries for every policy that reads them; a bf16 body with no leftovers needs none
+      const float* table = nullptr;
       float widened[K];
       if constexpr (std::is_same_v<Tab, float>) {
         table = entries;
-      } else {
-        for (int k = 0; k < K; ++k) widened[k] = bf16_to_float(entries[k]);
+      } else if (!std::is_same_v<typename Big::Entry, Tab> || sp.b0 > c0 || sp.b1 < c1) {
+        Widen<I, K>::run(entries, widened);
         table = widened;
       }
-      const int64_t c0 = g * group, c1 = c0 + group;
-      const Split sp = near_end ? split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb) : far[g];
-      scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.s0, rest);
-      if constexpr (Small::L > 0) {
-        const auto t = Small::table(table);
-        chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.s0, sp.b0, acc);
-        chunk_dot<I, Small, BITS, NB>(t, row, a.x, n, sp.b1, sp.s1, acc);
-      }
+      scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.b0, rest);
       if constexpr (Big::L > 0) {
         const typename Big::Entry* body_entries;
         if constexpr (std::is_same_v<typename Big::Entry, float>)
@@ -213,6 +212,9 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
           body_entries = entries;
         chunk_dot<I, Big, BITS, NB>(Big::table(body_entries), row, a.x_lane, n, sp.b0, sp.b1, acc);
       }
+      if constexpr (Small::L > 0)
+        if (sp.s1 > sp.b1)
+          chunk_dot<I, Small, BITS, NB>(Small::table(table), row, a.x, n, sp.b1, sp.s1, acc);
       scalar_dot<BITS, NB>(row, table, a.x, n, sp.s1, c1, rest);
     }
     for (int b = 0; b < NB; ++b) {

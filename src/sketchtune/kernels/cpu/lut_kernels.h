@@ -30,6 +30,13 @@ struct GemvArgs {
 
 constexpr int kGemvRows = 4;
 
+// Where a group's run of GEMV body chunks begins: the first column at or after the group's start
+// c0 whose code starts a byte. Chunks follow each other from there while they fit in the group.
+inline int64_t body_chunk_start(int64_t c0, int64_t bits) {
+  const int64_t codes_per_unit = bits == 3 ? 8 : 8 / bits;
+  return (c0 + codes_per_unit - 1) / codes_per_unit * codes_per_unit;
+}
+
 // y[:, r0:r1] = x Ŵ[r0:r1]ᵀ, reading codes and tables directly.
 struct Gemv {
   // For bits 2..4: codes per body chunk (0: none), and the column within its chunk of each

@@ -121,21 +121,24 @@ void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64
   });
 }
 
-// x (n, d_in) with every whole chunk's columns reordered into the kernels' lane order.
-Tensor lane_order(const Gemv& k, int64_t bits, const Tensor& x) {
-  const int64_t L = k.chunk[bits];
-  const int* column = k.lane_column[bits];
+// x (n, d_in) with every body chunk's columns (see `body_chunk_start`) in the kernels' lane order.
+Tensor lane_order(const Gemv& k, const Sketch& s, const Tensor& x) {
+  const int64_t L = k.chunk[s.bits];
+  const int* column = k.lane_column[s.bits];
   bool natural = true;
   for (int64_t lane = 0; lane < L; ++lane) natural = natural && column[lane] == lane;
   if (natural) return x;
   Tensor out = x.clone();
-  const int64_t n = x.size(0), d_in = x.size(1);
+  const int64_t n = x.size(0), group = s.group();
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t c = 0; c + L <= d_in; c += L)
-      for (int64_t lane = 0; lane < L; ++lane)
-        dst[b * d_in + c + lane] = src[b * d_in + c + column[lane]];
+  for (int64_t g = 0; g < s.gpr; ++g) {
+    const int64_t end = (g + 1) * group;
+    for (int64_t c = body_chunk_start(g * group, s.bits); c + L <= end; c += L)
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t lane = 0; lane < L; ++lane)
+          dst[b * s.d_in + c + lane] = src[b * s.d_in + c + column[lane]];
+  }
   return out;
 }
 
@@ -143,7 +146,7 @@ void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
   const Gemv& k = s.values_bf16 ? kernels().gemv_bf16 : kernels().gemv;
   const int64_t n = x.size(0);
   if (n == 0) return;
-  const Tensor xl = lane_order(k, s.bits, x);
+  const Tensor xl = lane_order(k, s, x);
   const float* xp = x.data_ptr<float>();
   const float* xlp = xl.data_ptr<float>();
   float* yp = y.data_ptr<float>();
