@@ -3,11 +3,13 @@
 Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
 lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
 that with lm_head in bf16; and with lm_head itself sketched to 4 bits (equal-count quantile tables,
-for speed only: it changes the model's outputs). The tokens per
-second are the median over --repeats decodes of --new-tokens tokens (always that many: no stop at
-EOS). A profile of a short decode says where the sketched model's time goes. Then a training
-step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast kernels and
-through the reference path: median time and peak resident memory above the step's baseline.
+for speed only: it changes the model's outputs). The tokens per second are the median over
+--repeats decodes of --new-tokens tokens (always that many: no stop at EOS). With --compile, the
+dense model and the stored-table variants also decode through a static cache and torch.compile
+(as `sketchtune generate --compile`). A profile of a short decode says where the sketched model's
+time goes. Then a training step (8 x 128 tokens, forward + backward, only `values` trainable)
+through the fast kernels and through the reference path: median time and peak resident memory
+above the step's baseline.
 
     .venv/bin/python benchmarks/decode.py [--sketched DIR] [--new-tokens 128] [--repeats 3]
 
@@ -35,6 +37,7 @@ from torch import nn
 from sketchtune import kernels
 from sketchtune.api import load_any
 from sketchtune.format import SketchedWeight
+from sketchtune.generate import decode_options
 from sketchtune.kernels import cpu
 from sketchtune.layers import SketchLinear
 
@@ -69,7 +72,7 @@ def quantile_sketch(weight: torch.Tensor, bits: int = 4, gpr: int = 4) -> Sketch
     return SketchLinear.from_sketch(SketchedWeight.from_codes(codes, values, bits))
 
 
-def decode_seconds(model, inputs, new_tokens: int) -> float:
+def decode_seconds(model, inputs, new_tokens: int, compile: bool = False) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -78,16 +81,20 @@ def decode_seconds(model, inputs, new_tokens: int) -> float:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=model.config.eos_token_id,
+            **decode_options(compile),
         )
     elapsed = time.perf_counter() - start
     assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens
     return elapsed
 
 
-def tokens_per_second(model, inputs, new_tokens: int, repeats: int) -> float:
-    decode_seconds(model, inputs, 8)  # warm-up: allocations, first kernel calls
+def tokens_per_second(model, inputs, new_tokens: int, repeats: int, compile: bool = False) -> float:
+    # Warm-up: allocations, first kernel calls; compiled, the compilation itself (its static cache
+    # is sized by the length, so the warm-up decodes as many tokens as the timed runs).
+    torch._dynamo.reset()
+    decode_seconds(model, inputs, new_tokens if compile else 8, compile)
     return new_tokens / statistics.median(
-        decode_seconds(model, inputs, new_tokens) for _ in range(repeats)
+        decode_seconds(model, inputs, new_tokens, compile) for _ in range(repeats)
     )
 
 
@@ -167,6 +174,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compiled decodes (static cache; about a minute each)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,12 +207,22 @@ def main() -> None:
     for name, model in variants.items():
         rates[name] = tokens_per_second(model, inputs, args.new_tokens, args.repeats)
 
-    base = rates["dense fp32"]
-    for name, rate in rates.items():
-        print(
-            f"{name:42s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  "
-            f"{rate / base:5.2f}x dense fp32"
+    if args.compile:  # static cache + torch.compile for the dense model and the stored tables
+        rates["dense fp32, compiled"] = tokens_per_second(
+            load_any(args.dense)[0].eval(), inputs, args.new_tokens, args.repeats, compile=True
         )
+        for name in list(variants)[1:]:
+            rates[f"{name}, compiled"] = tokens_per_second(
+                variants[name], inputs, args.new_tokens, args.repeats, compile=True
+            )
+
+    base = rates["dense fp32"]
+    base_compiled = rates.get("dense fp32, compiled")
+    for name, rate in rates.items():
+        versus = f"{rate / base:5.2f}x dense fp32"
+        if base_compiled:
+            versus += f"  {rate / base_compiled:5.2f}x dense fp32 compiled"
+        print(f"{name:62s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  {versus}")
     if not args.no_profile:
         print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
         profile(sketched_head, inputs)
