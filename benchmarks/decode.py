@@ -2,7 +2,8 @@
 
 Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
 lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
-that with lm_head in bf16; and with lm_head itself sketched to 4 bits (equal-count quantile tables,
+that with the embeddings and lm_head in bf16 (`serving.bf16_embeddings`, what `sketchtune generate`
+runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables,
 for speed only: it changes the model's outputs). The tokens per second are the median over
 --repeats decodes of --new-tokens tokens (always that many: no stop at EOS). With --compile, the
 dense model and the stored-table variants also decode through a static cache and torch.compile
@@ -31,7 +32,6 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sketchtune import kernels
@@ -40,19 +40,9 @@ from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
 from sketchtune.kernels import cpu
 from sketchtune.layers import SketchLinear
+from sketchtune.serving import bf16_embeddings
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
-
-
-class Bf16Head(nn.Module):
-    """lm_head with a bf16 weight: fp32 hidden states in, fp32 logits out."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().bfloat16())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.bfloat16(), self.weight).float()
 
 
 def quantile_sketch(weight: torch.Tensor, bits: int = 4, gpr: int = 4) -> SketchLinear:
@@ -197,9 +187,8 @@ def main() -> None:
     stored, _ = load_any(sketched_dir, values_dtype=None)  # bf16 tables, as for inference
     stored.eval()
     variants["sketched, bf16 tables, lm_head fp32"] = stored
-    bf16_head = copy.deepcopy(stored)
-    bf16_head.lm_head = Bf16Head(head_weight)
-    variants["sketched, bf16 tables, lm_head bf16"] = bf16_head
+    bf16_head = bf16_embeddings(copy.deepcopy(stored))  # as `sketchtune generate` runs it
+    variants["sketched, bf16 tables, bf16 embeddings + lm_head"] = bf16_head
     sketched_head = copy.deepcopy(stored)
     sketched_head.lm_head = quantile_sketch(head_weight)
     sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())

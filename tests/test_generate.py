@@ -1,14 +1,18 @@
-"""Generation on a sketched tiny model: the compiled decode (static cache) against eager."""
+"""Generation on a sketched tiny model: the compiled decode (static cache) against eager, and the
+bf16 embeddings against fp32 ones."""
 
 import torch
 
 from sketchtune.api import load_any
 from sketchtune.generate import decode_options, generate_text
+from sketchtune.serving import bf16_embeddings
 
 
 def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
-    # bf16 tables, as `sketchtune generate` loads them: the compiled graph calls the C++ op.
+    # As `sketchtune generate` loads it: bf16 tables (the compiled graph calls the C++ op) and
+    # bf16 embeddings.
     model, tokenizer = load_any(str(sketched_tiny_dir), values_dtype=None)
+    bf16_embeddings(model)
     inputs = tokenizer("hello there", return_tensors="pt")
     torch._dynamo.reset()
     runs = []
@@ -26,3 +30,20 @@ def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
     # the text path takes the same route (the compiled step is cached by now)
     text = generate_text(model, tokenizer, "hello there", max_new_tokens=12, compile=True)
     assert text == tokenizer.decode(eager.sequences[0, inputs["input_ids"].shape[1]:])
+
+
+def test_bf16_embeddings_keep_fp32_activations_and_close_logits(sketched_tiny_dir):
+    reference, _ = load_any(str(sketched_tiny_dir), values_dtype=None)
+    model, _ = load_any(str(sketched_tiny_dir), values_dtype=None)
+    bf16_embeddings(model)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embedding.weight.dtype == torch.bfloat16 and head.weight is embedding.weight
+    # the stored embedding is bf16, so the weights are exact
+    torch.testing.assert_close(embedding.weight.float(), reference.get_input_embeddings().weight)
+    ids = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    # only the head's input is rounded to bf16 (8 bits of mantissa)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    assert not torch.equal(got, expected)

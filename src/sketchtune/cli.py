@@ -44,8 +44,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
+    from .serving import bf16_embeddings
+    from .task_sketch import sketched_layers
 
     model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
+    if sketched_layers(model):  # its embeddings are stored in bf16: keep them so, for speed
+        bf16_embeddings(model)
     print(
         generate_text(
             model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
