@@ -2,9 +2,10 @@
 
 Prints, for a 4096 x 4096 layer (4 bits, gpr 4 unless told): the single-row LUT GEMV against
 torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4 (fp32 tables as in training,
-bf16 tables as stored and loaded for inference), prefill of 512 tokens against
-dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens) against the reference path,
-and the machine's streaming-read bandwidth with the floor it implies for the GEMV.
+bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's layer shapes; prefill
+of 512 tokens against dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens)
+against the reference path, and the machine's streaming-read bandwidth with the floor it implies
+for the GEMV.
 Every time is the median of --repeats medians (the machine is shared: expect noise).
 
     .venv/bin/python benchmarks/kernels_cpu.py [--size 4096 --gpr 4 --repeats 5]
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from sketchtune import kernels
 from sketchtune.format import pack_codes
 from sketchtune.kernels import cpu
+
+SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 
 
 def median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.2) -> float:
@@ -94,6 +97,18 @@ def main() -> None:
             if bits == 4:
                 line += f"  vs dense fp32 {t_fp32 / t:5.2f}x faster, bf16 {t_bf16 / t:5.2f}x"
             print(line)
+
+    # Narrow layers (SmolLM2-135M's, 144-wide groups): per-row and per-group costs show here.
+    # Both stay in cache across calls, unlike in a decode, which favours the dense one.
+    for d_out, d_in in SMOLLM2_SHAPES:
+        codes, values = random_sketch(d_out, d_in, 4, args.gpr)
+        tables, xn, weight = values.bfloat16(), torch.randn(1, d_in), torch.randn(d_out, d_in)
+        t = median_time(lambda: kernels.lut_linear(xn, codes, tables, 4), r)  # noqa: B023
+        t_dense = median_time(lambda: F.linear(xn, weight), r)  # noqa: B023
+        print(
+            f"4-bit GEMV {d_out:4d} x {d_in:4d}, bf16 tables {t * 1e6:7.1f} us "
+            f"{t / d_out / d_in * 1e12:6.1f} ps/weight  vs dense fp32 {t_dense / t:5.2f}x faster"
+        )
 
     codes, values = random_sketch(d, d, 4, args.gpr)
     xs = torch.randn(args.prefill, d)
