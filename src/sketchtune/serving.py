@@ -11,8 +11,8 @@ def bf16_embeddings(model: PreTrainedModel) -> PreTrainedModel:
     around them: half their bytes read per decoded token, and the head is a large share of a small
     model's (SmolLM2-135M: 28M of its 135M weights). Sketched folders store them in bf16, so the
     weights are exact; the head's input is rounded to bf16, which moves logits slightly."""
-    compute = model.get_input_embeddings().weight.dtype
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    compute = embedding.weight.dtype
     for module in (embedding, head):
         if module is not None and module.weight.dtype != torch.bfloat16:
             module.weight.data = module.weight.data.bfloat16()  # tied: one shared parameter

@@ -3,7 +3,7 @@
 //
 // An ISA type I provides the vector type V of W floats (zero, load, fma, add, hsum) and, per bit
 // width, two chunk policies: Big<BITS> for the GEMV body and Small<BITS> (natural column order)
-// for the stretches of a group too short or misaligned for a big chunk; NoChunk where absent.
+// for what big chunks leave at a group's end (or near the end of the codes); NoChunk where absent.
 // It may add BigBf16<BITS>, a body policy that reads bf16 tables directly; without one, the bf16
 // GEMV widens each (row, group) table to fp32 and runs Big<BITS>. It may add widen_bf16<K>, a
 // faster way to widen K bf16 entries.
