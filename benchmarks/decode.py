@@ -3,14 +3,16 @@
 Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
 lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
 that with the embeddings and lm_head in bf16 (`serving.bf16_embeddings`, what `sketchtune generate`
-runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables,
-for speed only: it changes the model's outputs). The tokens per second are the median over
---repeats decodes of --new-tokens tokens (always that many: no stop at EOS). With --compile, the
-dense model and the stored-table variants also decode through a static cache and torch.compile
-(as `sketchtune generate --compile`). A profile of a short decode says where the sketched model's
-time goes. Then a training step (8 x 128 tokens, forward + backward, only `values` trainable)
-through the fast kernels and through the reference path: median time and peak resident memory
-above the step's baseline.
+runs); that with q/k/v and gate/up fused (`serving.fuse_projections`, what `sketchtune generate`
+runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables, for speed only:
+it changes the model's outputs). The tokens per second are the median over --repeats decodes of
+--new-tokens tokens (always that many: no stop at EOS), the variants taking turns so that the
+machine's slow spells fall on all of them. With --compile, the dense model and the stored-table
+variants also decode through a static cache and torch.compile (as `sketchtune generate
+--compile`). A profile of a short decode says where the sketched model's time goes. Then a
+training step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast
+kernels and through the reference path: median time, and peak resident memory above the loaded
+model (the reference path's cache of unpacked codes counted in its peak).
 
     .venv/bin/python benchmarks/decode.py [--sketched DIR] [--new-tokens 128] [--repeats 3]
 
@@ -40,7 +42,7 @@ from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
 from sketchtune.kernels import cpu
 from sketchtune.layers import SketchLinear
-from sketchtune.serving import bf16_embeddings
+from sketchtune.serving import bf16_embeddings, fuse_projections
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
 
@@ -79,13 +81,28 @@ def decode_seconds(model, inputs, new_tokens: int, compile: bool = False) -> flo
 
 
 def tokens_per_second(model, inputs, new_tokens: int, repeats: int, compile: bool = False) -> float:
-    # Warm-up: allocations, first kernel calls; compiled, the compilation itself (its static cache
-    # is sized by the length, so the warm-up decodes as many tokens as the timed runs).
+    # Warm-up: compiling itself (its static cache is sized by the length, so the warm-up decodes
+    # as many tokens as the timed runs).
     torch._dynamo.reset()
     decode_seconds(model, inputs, new_tokens if compile else 8, compile)
     return new_tokens / statistics.median(
         decode_seconds(model, inputs, new_tokens, compile) for _ in range(repeats)
     )
+
+
+def eager_tokens_per_second(
+    models: dict[str, nn.Module], inputs, new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Each model's median rate, the models taking turns within every repeat."""
+    gc.collect()
+    gc.freeze()  # the loaded models' objects: no collection rescans them while timing
+    for model in models.values():
+        decode_seconds(model, inputs, 8)  # warm-up: allocations, first kernel calls
+    seconds = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            seconds[name].append(decode_seconds(model, inputs, new_tokens))
+    return {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
 
 
 def profile(model, inputs, new_tokens: int = 16) -> None:
@@ -135,14 +152,16 @@ def train_step_report(model, repeats: int) -> None:
     for path in ("fast", "reference"):
         context = kernels.reference_only() if path == "reference" else contextlib.nullcontext()
         with context:
-            step()  # warm-up
+            kernels.drop_unpacked_cache()  # the reference path's cache belongs to its peak
+            model.zero_grad(set_to_none=True)
+            peak = peak_rss_above_baseline(step)
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
+            results[path] = (statistics.median(times), peak)
             model.zero_grad(set_to_none=True)
-            results[path] = (statistics.median(times), peak_rss_above_baseline(step))
     for path, (seconds, peak) in results.items():
         print(f"train step 8x128, {path:9s} {seconds * 1e3:8.1f} ms  peak +{peak / 2**20:7.1f} MiB")
     print(f"train step speed-up {results['reference'][0] / results['fast'][0]:.2f}x")
@@ -177,33 +196,31 @@ def main() -> None:
 
     dense, tokenizer = load_any(args.dense)
     inputs = tokenizer(PROMPT, return_tensors="pt")
-    rates = {"dense fp32": tokens_per_second(dense.eval(), inputs, args.new_tokens, args.repeats)}
     head_weight = dense.get_output_embeddings().weight
-    del dense
-
+    variants = {"dense fp32": dense.eval()}
     sketched, _ = load_any(sketched_dir)  # fp32 tables, as for training
     sketched.eval()
-    variants = {"sketched, fp32 tables, lm_head fp32": sketched}
+    variants["sketched, fp32 tables, lm_head fp32"] = sketched
     stored, _ = load_any(sketched_dir, values_dtype=None)  # bf16 tables, as for inference
     stored.eval()
     variants["sketched, bf16 tables, lm_head fp32"] = stored
-    bf16_head = bf16_embeddings(copy.deepcopy(stored))  # as `sketchtune generate` runs it
+    bf16_head = bf16_embeddings(copy.deepcopy(stored))
     variants["sketched, bf16 tables, bf16 embeddings + lm_head"] = bf16_head
-    sketched_head = copy.deepcopy(stored)
+    fused = copy.deepcopy(bf16_head)
+    fuse_projections(fused)  # as `sketchtune generate` runs it
+    variants["sketched, bf16 tables, bf16 embeddings + lm_head, fused"] = fused
+    sketched_head = copy.deepcopy(fused)
     sketched_head.lm_head = quantile_sketch(head_weight)
     sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())
-    variants["sketched, bf16 tables, lm_head sketched (speed only)"] = sketched_head
-    for name, model in variants.items():
-        rates[name] = tokens_per_second(model, inputs, args.new_tokens, args.repeats)
+    variants["sketched, bf16 tables, fused, lm_head sketched (speed only)"] = sketched_head
+    rates = eager_tokens_per_second(variants, inputs, args.new_tokens, args.repeats)
 
-    if args.compile:  # static cache + torch.compile for the dense model and the stored tables
-        rates["dense fp32, compiled"] = tokens_per_second(
-            load_any(args.dense)[0].eval(), inputs, args.new_tokens, args.repeats, compile=True
-        )
-        for name in list(variants)[1:]:
+    if args.compile:  # static cache + torch.compile (fused parts run apart when compiled)
+        for name in list(variants)[:1] + list(variants)[2:4]:
             rates[f"{name}, compiled"] = tokens_per_second(
                 variants[name], inputs, args.new_tokens, args.repeats, compile=True
             )
+    del variants, dense
 
     base = rates["dense fp32"]
     base_compiled = rates.get("dense fp32, compiled")
@@ -211,12 +228,12 @@ def main() -> None:
         versus = f"{rate / base:5.2f}x dense fp32"
         if base_compiled:
             versus += f"  {rate / base_compiled:5.2f}x dense fp32 compiled"
-        print(f"{name:62s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  {versus}")
+        print(f"{name:60s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  {versus}")
     if not args.no_profile:
-        print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
+        print("where the time goes (sketched, fused, lm_head sketched; profiler adds overhead):")
         profile(sketched_head, inputs)
     if not args.no_train:
-        del stored, bf16_head, sketched_head
+        del stored, bf16_head, fused, sketched_head
         train_step_report(sketched, args.repeats)
 
 
