@@ -6,7 +6,8 @@ bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's laye
 of 512 tokens against dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens)
 against the reference path, and the machine's streaming-read bandwidth with the floor it implies
 for the GEMV.
-Every time is the median of --repeats medians (the machine is shared: expect noise).
+Every time is the median of --repeats rounds in which the compared calls take turns (the
+machine is shared: expect noise in the times, less in the ratios).
 
     .venv/bin/python benchmarks/kernels_cpu.py [--size 4096 --gpr 4 --repeats 5]
 """
@@ -28,20 +29,30 @@ from sketchtune.kernels import cpu
 SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 
 
-def median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.2) -> float:
-    """Median over `repeats` rounds of the mean time per call within a round."""
-    fn()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_seconds / repeats or calls < 2:
+def median_times(fns: dict[str, Callable[[], object]], repeats: int,
+                 min_seconds: float = 0.2) -> dict[str, float]:
+    """Per function, the median over `repeats` rounds of the mean time per call within a round.
+    The functions take turns in every round, so that the machine's slow spells (it is shared)
+    fall on all of them alike and the ratios between them hold better than the times."""
+    calls = {}
+    for name, fn in fns.items():
         fn()
-        calls += 1
-    rounds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+        start, calls[name] = time.perf_counter(), 0
+        while time.perf_counter() - start < min_seconds / repeats or calls[name] < 2:
             fn()
-        rounds.append((time.perf_counter() - start) / calls)
-    return statistics.median(rounds)
+            calls[name] += 1
+    rounds = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            rounds[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.2) -> float:
+    return median_times({"": fn}, repeats, min_seconds)[""]
 
 
 def read_bandwidth(repeats: int) -> float:
@@ -79,32 +90,43 @@ def main() -> None:
     dense = torch.randn(d, d) / d**0.5
     dense_bf16 = dense.bfloat16()
     x = torch.randn(1, d)
-    t_fp32 = median_time(lambda: F.linear(x, dense), r)
-    t_bf16 = median_time(lambda: F.linear(x.bfloat16(), dense_bf16), r)
-    print(f"dense GEMV fp32 {t_fp32 * 1e3:8.3f} ms   bf16 {t_bf16 * 1e3:8.3f} ms")
-
+    # Dense and sketched GEMVs take turns (see median_times): the ratios come from one set.
+    fns = {"fp32": lambda: F.linear(x, dense), "bf16": lambda: F.linear(x.bfloat16(), dense_bf16)}
+    moved = {}
     for bits in (4, 3, 2):
         codes, values = random_sketch(d, d, bits, args.gpr)
         # fp32 tables as in training; bf16 tables as stored on disk and loaded for inference
         for tables in (values, values.bfloat16()):
-            t = median_time(lambda: kernels.lut_linear(x, codes, tables, bits), r)  # noqa: B023
-            moved = codes.numel() + tables.numel() * tables.element_size() + (x.numel() + d) * 4
-            line = (
-                f"{bits}-bit GEMV, {str(tables.dtype)[6:]:8s} tables {t * 1e3:7.3f} ms "
-                f"{t / d / d * 1e12:6.1f} ps/weight {moved / t / 1e9:6.2f} GB/s achieved, "
-                f"floor {moved / bandwidth * 1e3:.3f} ms ({t * bandwidth / moved:.2f}x floor)"
-            )
-            if bits == 4:
-                line += f"  vs dense fp32 {t_fp32 / t:5.2f}x faster, bf16 {t_bf16 / t:5.2f}x"
-            print(line)
+            key = (bits, str(tables.dtype)[6:])
+            fns[key] = lambda c=codes, t=tables, b=bits: kernels.lut_linear(x, c, t, b)
+            table_bytes = tables.numel() * tables.element_size()
+            moved[key] = codes.numel() + table_bytes + (x.numel() + d) * 4
+    times = median_times(fns, r)
+    t_fp32, t_bf16 = times.pop("fp32"), times.pop("bf16")
+    print(f"dense GEMV fp32 {t_fp32 * 1e3:8.3f} ms   bf16 {t_bf16 * 1e3:8.3f} ms")
+    for (bits, dtype), t in times.items():
+        line = (
+            f"{bits}-bit GEMV, {dtype:8s} tables {t * 1e3:7.3f} ms "
+            f"{t / d / d * 1e12:6.1f} ps/weight {moved[bits, dtype] / t / 1e9:6.2f} GB/s "
+            f"achieved, floor {moved[bits, dtype] / bandwidth * 1e3:.3f} ms "
+            f"({t * bandwidth / moved[bits, dtype]:.2f}x floor)"
+        )
+        if bits == 4:
+            line += f"  vs dense fp32 {t_fp32 / t:5.2f}x faster, bf16 {t_bf16 / t:5.2f}x"
+        elif dtype == "bfloat16":
+            line += f"  per weight {t / times[4, dtype]:4.2f}x 4-bit's"
+        print(line)
 
     # Narrow layers (SmolLM2-135M's, 144-wide groups): per-row and per-group costs show here.
     # Both stay in cache across calls, unlike in a decode, which favours the dense one.
     for d_out, d_in in SMOLLM2_SHAPES:
         codes, values = random_sketch(d_out, d_in, 4, args.gpr)
         tables, xn, weight = values.bfloat16(), torch.randn(1, d_in), torch.randn(d_out, d_in)
-        t = median_time(lambda: kernels.lut_linear(xn, codes, tables, 4), r)  # noqa: B023
-        t_dense = median_time(lambda: F.linear(xn, weight), r)  # noqa: B023
+        pair = median_times({
+            "sketch": lambda: kernels.lut_linear(xn, codes, tables, 4),  # noqa: B023
+            "dense": lambda: F.linear(xn, weight),  # noqa: B023
+        }, r)
+        t, t_dense = pair["sketch"], pair["dense"]
         print(
             f"4-bit GEMV {d_out:4d} x {d_in:4d}, bf16 tables {t * 1e6:7.1f} us "
             f"{t / d_out / d_in * 1e12:6.1f} ps/weight  vs dense fp32 {t_dense / t:5.2f}x faster"
@@ -112,8 +134,11 @@ def main() -> None:
 
     codes, values = random_sketch(d, d, 4, args.gpr)
     xs = torch.randn(args.prefill, d)
-    t_dense = median_time(lambda: F.linear(xs, dense), r)
-    t_sketch = median_time(lambda: kernels.lut_linear(xs, codes, values, 4), r)
+    pair = median_times({
+        "dense": lambda: F.linear(xs, dense),
+        "sketch": lambda: kernels.lut_linear(xs, codes, values, 4),
+    }, r)
+    t_dense, t_sketch = pair["dense"], pair["sketch"]
     print(
         f"prefill {args.prefill} tokens: sketch {t_sketch * 1e3:8.2f} ms, dense fp32 GEMM "
         f"{t_dense * 1e3:8.2f} ms, ratio {t_sketch / t_dense:5.2f}"
@@ -127,9 +152,12 @@ def main() -> None:
         vg = values.clone().requires_grad_(True)
         kernels.lut_linear(xg, codes, vg, 4).backward(grad)
 
-    t_fast = median_time(step, r)
-    with kernels.reference_only():
-        t_ref = median_time(step, r)
+    def reference_step() -> None:
+        with kernels.reference_only():
+            step()
+
+    pair = median_times({"fast": step, "reference": reference_step}, r)
+    t_fast, t_ref = pair["fast"], pair["reference"]
     print(
         f"train step 8x128 fwd+bwd: fast {t_fast * 1e3:8.1f} ms, reference {t_ref * 1e3:8.1f} "
         f"ms, speed-up {t_ref / t_fast:5.2f}x"

@@ -51,7 +51,7 @@ def sketch(d_out, d_in, bits, gpr, seed=0):
 def group_sizes(bits, gpr):
     """Group lengths around the SIMD chunk sizes (8, 16), odd ones included where they pack."""
     out = []
-    for size in (3, 5, 8, 16, 19, 24, 40, 72, 136):
+    for size in (3, 5, 8, 16, 19, 24, 40, 72, 136, 144):
         try:
             check_shape(size * gpr, bits, gpr)
             out.append(size)

@@ -3,7 +3,8 @@
 // 16-byte planes (byte k of every entry), vpshufb looks up 32 codes in a plane, and unpacks
 // reassemble the floats (in a lane order the GEMV's x follows). Where a group has no room for a
 // 64-code chunk, 8-code chunks with two vpermps and a blend on the top bit take over. bf16 tables
-// at 4 and 2 bits take a two-plane variant of the byte-plane chunk (64 or 128 codes).
+// at 4 and 2 bits take a two-plane variant of the byte-plane chunk (64 or 128 codes), and at 4
+// bits a 16-code form of it for group tails.
 #include "lut_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -128,7 +129,7 @@ struct Avx2 {
   template <int BITS>
   struct Bf16Planes {
     static constexpr int FIELDS = 8 / BITS;  // codes per byte
-    static constexpr int L = 32 * FIELDS, LOAD = 32;
+    static constexpr int L = 32 * FIELDS, LOAD = 32, PARTS = FIELDS;
     using Entry = uint16_t;
     struct T {
       __m256i low, high;  // low (high) byte of the 2**BITS entries, in both 128-bit halves
@@ -159,21 +160,46 @@ struct Avx2 {
       }
     }
 
-    static void lookup(const T& t, const uint8_t* p, V* out) {
+    // Field h of the 32 bytes: out[2m + e] is vector 4h + 2m + e of the chunk. One field at a
+    // time, so that 2 bits' 16 vectors per chunk are never all live.
+    static void lookup_part(const T& t, const uint8_t* p, int h, V* out) {
       const __m256i field = _mm256_set1_epi8((1 << BITS) - 1);
       const __m256i upper = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
       const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      for (int h = 0; h < FIELDS; ++h) {
-        // 16-bit shifts move bits across bytes; the mask keeps each byte's own field
-        const __m256i idx = _mm256_and_si256(h ? _mm256_srli_epi16(c, BITS * h) : c, field);
-        const __m256i lo = _mm256_shuffle_epi8(t.low, idx);
-        const __m256i hi = _mm256_shuffle_epi8(t.high, idx);
-        const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
-        for (int m = 0; m < 2; ++m) {
-          out[4 * h + 2 * m] = _mm256_castsi256_ps(_mm256_slli_epi32(words[m], 16));
-          out[4 * h + 2 * m + 1] = _mm256_castsi256_ps(_mm256_and_si256(words[m], upper));
-        }
+      // 16-bit shifts move bits across bytes; the mask keeps each byte's own field
+      const __m256i idx = _mm256_and_si256(h ? _mm256_srli_epi16(c, BITS * h) : c, field);
+      const __m256i lo = _mm256_shuffle_epi8(t.low, idx);
+      const __m256i hi = _mm256_shuffle_epi8(t.high, idx);
+      const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+      for (int m = 0; m < 2; ++m) {
+        out[2 * m] = _mm256_castsi256_ps(_mm256_slli_epi32(words[m], 16));
+        out[2 * m + 1] = _mm256_castsi256_ps(_mm256_and_si256(words[m], upper));
       }
+    }
+  };
+
+  // 16 codes at 4 bits from bf16 tables, in column order: what 64-code chunks leave at a group's
+  // end (SmolLM2's 144-wide groups), on the same two byte planes, with 128-bit shuffles.
+  struct Bf16Tail {
+    static constexpr int L = 16, LOAD = 8;
+    using Entry = uint16_t;
+    using T = Bf16Planes<4>::T;
+
+    static int lane_column(int lane) { return lane; }
+    static T table(const uint16_t* v) { return Bf16Planes<4>::table(v); }
+
+    static void lookup(const T& t, const uint8_t* p, V* out) {
+      const __m128i nibble = _mm_set1_epi8(0x0F);
+      const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      // byte j holds codes 2j (low nibble) and 2j + 1: interleaved, they are in column order
+      const __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(c, nibble),
+                                            _mm_and_si128(_mm_srli_epi16(c, 4), nibble));
+      const __m128i lo = _mm_shuffle_epi8(_mm256_castsi256_si128(t.low), idx);
+      const __m128i hi = _mm_shuffle_epi8(_mm256_castsi256_si128(t.high), idx);
+      out[0] = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpacklo_epi8(lo, hi)), 16));
+      out[1] = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_unpackhi_epi8(lo, hi)), 16));
     }
   };
 
@@ -183,6 +209,8 @@ struct Avx2 {
   using BigBf16 = std::conditional_t<BITS == 3, Big<3>, Bf16Planes<BITS>>;
   template <int BITS>
   using Small = std::conditional_t<BITS == 3, NoChunk, Perm<BITS>>;
+  template <int BITS>
+  using SmallBf16 = std::conditional_t<BITS == 4, Bf16Tail, Small<BITS>>;
 
   template <int K>
   static void widen_bf16(const uint16_t* in, float* out) {

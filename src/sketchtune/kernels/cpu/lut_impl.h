@@ -4,15 +4,17 @@
 // An ISA type I provides the vector type V of W floats (zero, load, fma, add, hsum) and, per bit
 // width, two chunk policies: Big<BITS> for the GEMV body and Small<BITS> (natural column order)
 // for what big chunks leave at a group's end (or near the end of the codes); NoChunk where absent.
-// It may add BigBf16<BITS>, a body policy that reads bf16 tables directly; without one, the bf16
-// GEMV widens each (row, group) table to fp32 and runs Big<BITS>. It may add widen_bf16<K>, a
-// faster way to widen K bf16 entries.
+// It may add BigBf16<BITS> and SmallBf16<BITS>, policies that read bf16 tables directly; without
+// them, the bf16 GEMV widens each (row, group) table to fp32 for Big<BITS> and Small<BITS>. It may
+// add widen_bf16<K>, a faster way to widen K bf16 entries.
 // A chunk policy P turns the bytes of P::L codes, starting at a column whose code starts a byte,
 // into P::L / W vectors of weights:
 //   L, LOAD (bytes a read may touch), Entry (float, or uint16_t for bf16 bits), T (its table),
 //   table(entries), lookup(t, bytes, out[]), lane_column(i) (column of the i-th weight of out[]
 //   within the chunk), store(t, bytes, out) (the L weights in column order; needed of the policy
-//   that dequantize uses).
+//   that dequantize uses). A policy whose chunk yields more vectors than registers hold may
+//   instead give PARTS and lookup_part(t, bytes, part, out[]) (vectors part * L / W / PARTS on),
+//   so that the GEMV multiplies each part before looking up the next.
 #pragma once
 
 #include <algorithm>
@@ -61,6 +63,27 @@ struct BodyPolicy<I, BITS, uint16_t, std::void_t<typename I::template BigBf16<BI
 };
 template <class I, int BITS, class Tab>
 using Body = typename BodyPolicy<I, BITS, Tab>::type;
+
+// The GEMV's small-chunk policy: I::SmallBf16<BITS> for bf16 tables where I has one.
+template <class I, int BITS, class Tab, class = void>
+struct TailPolicy {
+  using type = typename I::template Small<BITS>;
+};
+template <class I, int BITS>
+struct TailPolicy<I, BITS, uint16_t, std::void_t<typename I::template SmallBf16<BITS>>> {
+  using type = typename I::template SmallBf16<BITS>;
+};
+template <class I, int BITS, class Tab>
+using Tail = typename TailPolicy<I, BITS, Tab>::type;
+
+// The entries a policy P reads: the tables as stored if P reads their type, else fp32 ones.
+template <class P, class Tab>
+const typename P::Entry* entries_for(const Tab* stored, const float* fp32) {
+  if constexpr (std::is_same_v<typename P::Entry, Tab>)
+    return stored;
+  else
+    return fp32;
+}
 
 template <class Tab>
 const Tab* tables_of(const Sketch& s) {
@@ -133,6 +156,24 @@ inline Split split(int64_t c0, int64_t c1, int64_t bytes_left) {
   return {b0, b1, s1};
 }
 
+// A chunk's lookup in Parts<P>::N steps: P::lookup_part where P gives PARTS, else one lookup.
+template <class P, class = void>
+struct Parts {
+  static constexpr int N = 1;
+  template <class V>
+  static void lookup(const typename P::T& t, const uint8_t* p, int, V* out) {
+    P::lookup(t, p, out);
+  }
+};
+template <class P>
+struct Parts<P, std::void_t<decltype(P::PARTS)>> {
+  static constexpr int N = P::PARTS;
+  template <class V>
+  static void lookup(const typename P::T& t, const uint8_t* p, int part, V* out) {
+    P::lookup_part(t, p, part, out);
+  }
+};
+
 // acc += weights of chunks in [c0, c1) times x (x in P's lane order), NB activation rows.
 template <class I, class P, int BITS, int NB, int NACC>
 inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x, int64_t d_in,
@@ -141,6 +182,7 @@ inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x
   constexpr int VPC = P::L / I::W;                // vectors per chunk
   constexpr int U = VPC >= NACC ? 1 : NACC / VPC;  // chunks per step: NACC independent chains
   constexpr int BYTES = P::L * BITS / 8;
+  constexpr int VPP = VPC / Parts<P>::N;  // vectors per part
   const uint8_t* p = row + ((c0 * BITS) >> 3);
   const float* xc = x + c0;
   V acc[NACC][NB];  // a local copy the compiler keeps in registers
@@ -149,23 +191,29 @@ inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x
   int64_t c = c0;
   for (; c + U * P::L <= c1; c += U * P::L, p += U * BYTES, xc += U * P::L) {
     for (int u = 0; u < U; ++u) {
-      V w[VPC];
-      P::lookup(t, p + u * BYTES, w);
-      for (int j = 0; j < VPC; ++j) {
-        const int k = (u * VPC + j) % NACC;
-        for (int b = 0; b < NB; ++b)
-          acc[k][b] = I::fma(w[j], I::load(xc + b * d_in + u * P::L + j * I::W), acc[k][b]);
+      for (int part = 0; part < Parts<P>::N; ++part) {
+        V w[VPP];
+        Parts<P>::lookup(t, p + u * BYTES, part, w);
+        for (int i = 0; i < VPP; ++i) {
+          const int j = part * VPP + i, k = (u * VPC + j) % NACC;
+          for (int b = 0; b < NB; ++b)
+            acc[k][b] = I::fma(w[i], I::load(xc + b * d_in + u * P::L + j * I::W), acc[k][b]);
+        }
       }
     }
   }
   for (int k = 0; k < NACC; ++k)
     for (int b = 0; b < NB; ++b) out[k][b] = acc[k][b];
   for (; c < c1; c += P::L, p += BYTES, xc += P::L) {  // fewer than U chunks left
-    V w[VPC];
-    P::lookup(t, p, w);
-    for (int j = 0; j < VPC; ++j)
-      for (int b = 0; b < NB; ++b)
-        out[j % NACC][b] = I::fma(w[j], I::load(xc + b * d_in + j * I::W), out[j % NACC][b]);
+    for (int part = 0; part < Parts<P>::N; ++part) {
+      V w[VPP];
+      Parts<P>::lookup(t, p, part, w);
+      for (int i = 0; i < VPP; ++i) {
+        const int j = part * VPP + i;
+        for (int b = 0; b < NB; ++b)
+          out[j % NACC][b] = I::fma(w[i], I::load(xc + b * d_in + j * I::W), out[j % NACC][b]);
+      }
+    }
   }
 }
 
@@ -173,7 +221,7 @@ template <class I, int BITS, int NB, class Tab>
 void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   using V = typename I::V;
   using Big = Body<I, BITS, Tab>;
-  using Small = typename I::template Small<BITS>;
+  using Small = Tail<I, BITS, Tab>;
   constexpr int K = 1 << BITS;
   constexpr int NACC = NB >= 4 ? 1 : 4 / NB;  // FMA chains per activation row: 4 or more in all
   const int64_t n = s.d_in, group = s.group(), rb = s.row_bytes();
@@ -194,27 +242,24 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
       const int64_t c0 = g * group, c1 = c0 + group;
       const Split sp = near_end ? split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb) : far[g];
       const Tab* entries = tables_of<Tab>(s) + (r * s.gpr + g) * K;
-      // fp32 entries for every policy that reads them; a bf16 body with no leftovers needs none
+      // fp32 entries for every part that reads them: none where bf16 policies cover the group
       const float* table = nullptr;
       float widened[K];
       if constexpr (std::is_same_v<Tab, float>) {
         table = entries;
-      } else if (!std::is_same_v<typename Big::Entry, Tab> || sp.b0 > c0 || sp.b1 < c1) {
+      } else if (!std::is_same_v<typename Big::Entry, Tab> || sp.b0 > c0 || sp.s1 < c1 ||
+                 (!std::is_same_v<typename Small::Entry, Tab> && sp.s1 > sp.b1)) {
         Widen<I, K>::run(entries, widened);
         table = widened;
       }
       scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.b0, rest);
-      if constexpr (Big::L > 0) {
-        const typename Big::Entry* body_entries;
-        if constexpr (std::is_same_v<typename Big::Entry, float>)
-          body_entries = table;
-        else
-          body_entries = entries;
-        chunk_dot<I, Big, BITS, NB>(Big::table(body_entries), row, a.x_lane, n, sp.b0, sp.b1, acc);
-      }
+      if constexpr (Big::L > 0)
+        chunk_dot<I, Big, BITS, NB>(Big::table(entries_for<Big>(entries, table)), row, a.x_lane,
+                                    n, sp.b0, sp.b1, acc);
       if constexpr (Small::L > 0)
         if (sp.s1 > sp.b1)
-          chunk_dot<I, Small, BITS, NB>(Small::table(table), row, a.x, n, sp.b1, sp.s1, acc);
+          chunk_dot<I, Small, BITS, NB>(Small::table(entries_for<Small>(entries, table)), row,
+                                        a.x, n, sp.b1, sp.s1, acc);
       scalar_dot<BITS, NB>(row, table, a.x, n, sp.s1, c1, rest);
     }
     for (int b = 0; b < NB; ++b) {
