@@ -2,17 +2,17 @@
 
 Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
 lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
-that with the embeddings and lm_head in bf16 (`serving.bf16_embeddings`, what `sketchtune generate`
-runs); that with q/k/v and gate/up fused (`serving.fuse_projections`, what `sketchtune generate`
-runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables, for speed only:
-it changes the model's outputs). The tokens per second are the median over --repeats decodes of
---new-tokens tokens (always that many: no stop at EOS), the variants taking turns so that the
-machine's slow spells fall on all of them. With --compile, the dense model and the stored-table
-variants also decode through a static cache and torch.compile (as `sketchtune generate
---compile`). A profile of a short decode says where the sketched model's time goes. Then a
+that with the embeddings and lm_head in bf16 (`serving.bf16_embeddings`, what `sketchtune
+generate` runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables, for
+speed only: it changes the model's outputs). The tokens per second are the median over
+--repeats decodes of --new-tokens tokens (always that many: no stop at EOS), the variants taking
+turns so that the machine's slow spells fall on all of them. With --compile, the dense model and
+the stored-table variants also decode through a static cache and torch.compile (as `sketchtune
+generate --compile`). A profile of a short decode says where the sketched model's time goes. Then a
 training step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast
-kernels and through the reference path: median time, and peak resident memory above the loaded
-model (the reference path's cache of unpacked codes counted in its peak).
+kernels and through the reference path, each in a process of its own: median time, and the
+first step's peak resident memory above the loaded model (the reference path's cache of
+unpacked codes counted in its peak).
 
     .venv/bin/python benchmarks/decode.py [--sketched DIR] [--new-tokens 128] [--repeats 3]
 
@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import multiprocessing
 import os
 import statistics
 import threading
@@ -42,7 +43,7 @@ from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
 from sketchtune.kernels import cpu
 from sketchtune.layers import SketchLinear
-from sketchtune.serving import bf16_embeddings, fuse_projections
+from sketchtune.serving import bf16_embeddings
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
 
@@ -136,7 +137,13 @@ def peak_rss_above_baseline(fn) -> int:
     return max(peak[0], resident_bytes()) - base
 
 
-def train_step_report(model, repeats: int) -> None:
+def train_step(sketched_dir: str, path: str, repeats: int, threads: int | None) -> tuple:
+    """In a fresh process: median seconds of a training step through `path` ("fast" or
+    "reference") and its peak resident memory above the loaded model. A process of its own per
+    path, so that neither reuses memory the other's allocator kept."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, _ = load_any(sketched_dir)  # fp32 tables, as for training
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(".values"))
     model.train()
@@ -148,20 +155,23 @@ def train_step_report(model, repeats: int) -> None:
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
+    context = kernels.reference_only() if path == "reference" else contextlib.nullcontext()
+    with context:
+        peak = peak_rss_above_baseline(step)  # the first step: the reference path's cache too
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
+
+
+def train_step_report(sketched_dir: str, repeats: int, threads: int | None) -> None:
+    context = multiprocessing.get_context("spawn")
     results = {}
     for path in ("fast", "reference"):
-        context = kernels.reference_only() if path == "reference" else contextlib.nullcontext()
-        with context:
-            kernels.drop_unpacked_cache()  # the reference path's cache belongs to its peak
-            model.zero_grad(set_to_none=True)
-            peak = peak_rss_above_baseline(step)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            results[path] = (statistics.median(times), peak)
-            model.zero_grad(set_to_none=True)
+        with context.Pool(1) as pool:
+            results[path] = pool.apply(train_step, (sketched_dir, path, repeats, threads))
     for path, (seconds, peak) in results.items():
         print(f"train step 8x128, {path:9s} {seconds * 1e3:8.1f} ms  peak +{peak / 2**20:7.1f} MiB")
     print(f"train step speed-up {results['reference'][0] / results['fast'][0]:.2f}x")
@@ -204,19 +214,16 @@ def main() -> None:
     stored, _ = load_any(sketched_dir, values_dtype=None)  # bf16 tables, as for inference
     stored.eval()
     variants["sketched, bf16 tables, lm_head fp32"] = stored
-    bf16_head = bf16_embeddings(copy.deepcopy(stored))
+    bf16_head = bf16_embeddings(copy.deepcopy(stored))  # as `sketchtune generate` runs it
     variants["sketched, bf16 tables, bf16 embeddings + lm_head"] = bf16_head
-    fused = copy.deepcopy(bf16_head)
-    fuse_projections(fused)  # as `sketchtune generate` runs it
-    variants["sketched, bf16 tables, bf16 embeddings + lm_head, fused"] = fused
-    sketched_head = copy.deepcopy(fused)
+    sketched_head = copy.deepcopy(stored)
     sketched_head.lm_head = quantile_sketch(head_weight)
     sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())
-    variants["sketched, bf16 tables, fused, lm_head sketched (speed only)"] = sketched_head
+    variants["sketched, bf16 tables, lm_head sketched (speed only)"] = sketched_head
     rates = eager_tokens_per_second(variants, inputs, args.new_tokens, args.repeats)
 
-    if args.compile:  # static cache + torch.compile (fused parts run apart when compiled)
-        for name in list(variants)[:1] + list(variants)[2:4]:
+    if args.compile:  # static cache + torch.compile for the dense model and the stored tables
+        for name in list(variants)[:1] + list(variants)[2:]:
             rates[f"{name}, compiled"] = tokens_per_second(
                 variants[name], inputs, args.new_tokens, args.repeats, compile=True
             )
@@ -230,11 +237,10 @@ def main() -> None:
             versus += f"  {rate / base_compiled:5.2f}x dense fp32 compiled"
         print(f"{name:60s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  {versus}")
     if not args.no_profile:
-        print("where the time goes (sketched, fused, lm_head sketched; profiler adds overhead):")
+        print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
         profile(sketched_head, inputs)
     if not args.no_train:
-        del stored, bf16_head, fused, sketched_head
-        train_step_report(sketched, args.repeats)
+        train_step_report(sketched_dir, args.repeats, args.threads)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,14 @@ import torch
 
 from sketchtune.api import load_any
 from sketchtune.generate import decode_options, generate_text
-from sketchtune.serving import bf16_embeddings, fuse_projections
+from sketchtune.serving import bf16_embeddings
 
 
 def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
-    # As `sketchtune generate` loads it: bf16 tables (the compiled graph calls the C++ op), bf16
-    # embeddings and fused projections (eager: one call per fused group; compiled: per part).
+    # As `sketchtune generate` loads it: bf16 tables (the compiled graph calls the C++ op) and
+    # bf16 embeddings.
     model, tokenizer = load_any(str(sketched_tiny_dir), values_dtype=None)
     bf16_embeddings(model)
-    fuse_projections(model)
     inputs = tokenizer("hello there", return_tensors="pt")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # count only this test's graphs

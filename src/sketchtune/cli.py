@@ -44,13 +44,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
-    from .serving import bf16_embeddings, fuse_projections
+    from .serving import bf16_embeddings
     from .task_sketch import sketched_layers
 
     model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
     if sketched_layers(model):  # its embeddings are stored in bf16: keep them so, for speed
         bf16_embeddings(model)
-        fuse_projections(model)
     print(
         generate_text(
             model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
@@ -63,11 +62,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .api import load_any
     from .atomic import write_json_atomic
     from .evaluate.run import check_task, evaluate
-    from .serving import fuse_projections
 
     tasks = [check_task(t.strip(), args.protocol, args.data_root) for t in args.task.split(",")]
     model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
-    fuse_projections(model)  # fewer kernel calls, the same logits
     summary = {"model": args.model, "task_sketch": args.task_sketch, "results": []}
     for task in tasks:
         result = evaluate(
