@@ -217,6 +217,55 @@ inline void chunk_dot(const typename P::T& t, const uint8_t* row, const float* x
   }
 }
 
+// Two weight rows against one activation row (decode) through the same chunks: the rows share
+// the loop and its bookkeeping, and their NACC chains each interleave.
+template <class I, class P, int BITS, int NACC>
+inline void chunk_dot_pair(const typename P::T& t0, const typename P::T& t1, const uint8_t* row0,
+                           const uint8_t* row1, const float* x, int64_t c0, int64_t c1,
+                           typename I::V (&acc0)[NACC], typename I::V (&acc1)[NACC]) {
+  using V = typename I::V;
+  constexpr int VPP = P::L / I::W / Parts<P>::N;  // vectors per part
+  constexpr int BYTES = P::L * BITS / 8;
+  const int64_t start = (c0 * BITS) >> 3;
+  const uint8_t *p0 = row0 + start, *p1 = row1 + start;
+  const float* xc = x + c0;
+  V s0[NACC], s1[NACC];  // local copies the compiler keeps in registers
+  for (int k = 0; k < NACC; ++k) s0[k] = acc0[k], s1[k] = acc1[k];
+  for (int64_t c = c0; c < c1; c += P::L, p0 += BYTES, p1 += BYTES, xc += P::L) {
+    for (int part = 0; part < Parts<P>::N; ++part) {
+      V w[VPP];  // one row's part at a time: x is read twice from L1, no register holds it
+      Parts<P>::lookup(t0, p0, part, w);
+      for (int i = 0; i < VPP; ++i) {
+        const int j = part * VPP + i;
+        s0[j % NACC] = I::fma(w[i], I::load(xc + j * I::W), s0[j % NACC]);
+      }
+      Parts<P>::lookup(t1, p1, part, w);
+      for (int i = 0; i < VPP; ++i) {
+        const int j = part * VPP + i;
+        s1[j % NACC] = I::fma(w[i], I::load(xc + j * I::W), s1[j % NACC]);
+      }
+    }
+  }
+  for (int k = 0; k < NACC; ++k) acc0[k] = s0[k], acc1[k] = s1[k];
+}
+
+// The fp32 entries of one (row, group) table for the parts of `sp` that read fp32 (`entries`
+// themselves if fp32, else widened into `widened`); nullptr where bf16 policies cover the group.
+template <class I, class Big, class Small, int K, class Tab>
+inline const float* fp32_entries(const Tab* entries, const Split& sp, int64_t c0, int64_t c1,
+                                 float* widened) {
+  if constexpr (std::is_same_v<Tab, float>) {
+    return entries;
+  } else {
+    if (!std::is_same_v<typename Big::Entry, Tab> || sp.b0 > c0 || sp.s1 < c1 ||
+        (!std::is_same_v<typename Small::Entry, Tab> && sp.s1 > sp.b1)) {
+      Widen<I, K>::run(entries, widened);
+      return widened;
+    }
+    return nullptr;
+  }
+}
+
 template <class I, int BITS, int NB, class Tab>
 void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   using V = typename I::V;
@@ -225,15 +274,49 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int K = 1 << BITS;
   constexpr int NACC = NB >= 4 ? 1 : 4 / NB;  // FMA chains per activation row: 4 or more in all
   const int64_t n = s.d_in, group = s.group(), rb = s.row_bytes();
+  const Tab* tables = tables_of<Tab>(s);
   // A split depends on the row only through how far a chunk's read may reach past the row's end;
   // rows with at least kFar bytes after their end all split alike, so those splits are made once.
   constexpr int64_t kFar = 64;  // more than any chunk's LOAD
   Split far[8];
   for (int64_t g = 0; g < s.gpr && g < 8; ++g)
     far[g] = split<Big, Small, BITS>(g * group, (g + 1) * group, rb + kFar);
-  for (int64_t r = r0; r < r1; ++r) {
+  auto is_far = [&](int64_t r) { return (s.d_out - r) * rb >= rb + kFar && s.gpr <= 8; };
+  int64_t r = r0;
+  if constexpr (NB == 1) {  // decode: rows in pairs while both are far from the codes' end
+    for (; r + 1 < r1 && is_far(r + 1); r += 2) {
+      const uint8_t *row0 = s.codes + r * rb, *row1 = row0 + rb;
+      V acc0[2] = {I::zero(), I::zero()}, acc1[2] = {I::zero(), I::zero()};
+      float rest0 = 0, rest1 = 0;
+      for (int64_t g = 0; g < s.gpr; ++g) {
+        const int64_t c0 = g * group, c1 = c0 + group;
+        const Split& sp = far[g];
+        const Tab* e0 = tables + (r * s.gpr + g) * K;
+        const Tab* e1 = e0 + s.gpr * K;
+        float widened0[K], widened1[K];
+        const float* f0 = fp32_entries<I, Big, Small, K>(e0, sp, c0, c1, widened0);
+        const float* f1 = fp32_entries<I, Big, Small, K>(e1, sp, c0, c1, widened1);
+        scalar_dot<BITS, 1>(row0, f0, a.x, n, c0, sp.b0, &rest0);
+        scalar_dot<BITS, 1>(row1, f1, a.x, n, c0, sp.b0, &rest1);
+        if constexpr (Big::L > 0)
+          chunk_dot_pair<I, Big, BITS>(Big::table(entries_for<Big>(e0, f0)),
+                                       Big::table(entries_for<Big>(e1, f1)), row0, row1,
+                                       a.x_lane, sp.b0, sp.b1, acc0, acc1);
+        if constexpr (Small::L > 0)
+          if (sp.s1 > sp.b1)
+            chunk_dot_pair<I, Small, BITS>(Small::table(entries_for<Small>(e0, f0)),
+                                           Small::table(entries_for<Small>(e1, f1)), row0, row1,
+                                           a.x, sp.b1, sp.s1, acc0, acc1);
+        scalar_dot<BITS, 1>(row0, f0, a.x, n, sp.s1, c1, &rest0);
+        scalar_dot<BITS, 1>(row1, f1, a.x, n, sp.s1, c1, &rest1);
+      }
+      a.y[r] = I::hsum(I::add(acc0[0], acc0[1])) + rest0;
+      a.y[r + 1] = I::hsum(I::add(acc1[0], acc1[1])) + rest1;
+    }
+  }
+  for (; r < r1; ++r) {
     const uint8_t* row = s.codes + r * rb;
-    const bool near_end = (s.d_out - r) * rb < rb + kFar || s.gpr > 8;
+    const bool near_end = !is_far(r);
     V acc[NACC][NB];
     for (auto& chain : acc)
       for (auto& v : chain) v = I::zero();
@@ -241,17 +324,9 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
     for (int64_t g = 0; g < s.gpr; ++g) {
       const int64_t c0 = g * group, c1 = c0 + group;
       const Split sp = near_end ? split<Big, Small, BITS>(c0, c1, (s.d_out - r) * rb) : far[g];
-      const Tab* entries = tables_of<Tab>(s) + (r * s.gpr + g) * K;
-      // fp32 entries for every part that reads them: none where bf16 policies cover the group
-      const float* table = nullptr;
+      const Tab* entries = tables + (r * s.gpr + g) * K;
       float widened[K];
-      if constexpr (std::is_same_v<Tab, float>) {
-        table = entries;
-      } else if (!std::is_same_v<typename Big::Entry, Tab> || sp.b0 > c0 || sp.s1 < c1 ||
-                 (!std::is_same_v<typename Small::Entry, Tab> && sp.s1 > sp.b1)) {
-        Widen<I, K>::run(entries, widened);
-        table = widened;
-      }
+      const float* table = fp32_entries<I, Big, Small, K>(entries, sp, c0, c1, widened);
       scalar_dot<BITS, NB>(row, table, a.x, n, c0, sp.b0, rest);
       if constexpr (Big::L > 0)
         chunk_dot<I, Big, BITS, NB>(Big::table(entries_for<Big>(entries, table)), row, a.x_lane,
