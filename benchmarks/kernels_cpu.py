@@ -2,7 +2,8 @@
 
 Prints, for a 4096 x 4096 layer (4 bits, gpr 4 unless told): the single-row LUT GEMV against
 torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4 (fp32 tables as in training,
-bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's layer shapes; prefill
+bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's layer shapes and its
+bf16 output head; prefill
 of 512 tokens against dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens)
 against the reference path, and the machine's streaming-read bandwidth with the floor it implies
 for the GEMV.
@@ -131,6 +132,18 @@ def main() -> None:
             f"4-bit GEMV {d_out:4d} x {d_in:4d}, bf16 tables {t * 1e6:7.1f} us "
             f"{t / d_out / d_in * 1e12:6.1f} ps/weight  vs dense fp32 {t_dense / t:5.2f}x faster"
         )
+
+    # SmolLM2's output head kept dense in bf16 (serving.bf16_embeddings): our GEMV vs torch's.
+    head, xh = torch.randn(49152, 576).bfloat16(), torch.randn(1, 576)
+    pair = median_times({
+        "ours": lambda: kernels.bf16_linear(xh, head),
+        "torch": lambda: F.linear(xh.bfloat16(), head),
+    }, r)
+    print(
+        f"bf16 head GEMV 49152 x 576: ours {pair['ours'] * 1e3:6.2f} ms "
+        f"{head.numel() * 2 / pair['ours'] / 1e9:6.2f} GB/s achieved, torch bf16 "
+        f"{pair['torch'] * 1e3:6.2f} ms, {pair['torch'] / pair['ours']:5.2f}x faster"
+    )
 
     codes, values = random_sketch(d, d, 4, args.gpr)
     xs = torch.randn(args.prefill, d)

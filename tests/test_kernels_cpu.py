@@ -155,6 +155,23 @@ def test_autograd_through_the_op_matches_reference(bits, gpr):
         torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("d_in", [1, 7, 8, 33, 64, 579])
+def test_bf16_linear_matches_fp32_arithmetic_on_the_bf16_weight(isa, d_in):
+    g = torch.Generator().manual_seed(d_in)
+    for d_out, n in ((1, 1), (5, 2), (70, 3), (33, 4), (9, 5), (40, 8)):  # 2n rows <= 16
+        weight = torch.randn(d_out, d_in, generator=g).bfloat16()
+        x = torch.randn(2, n, d_in, generator=g)
+        torch.testing.assert_close(
+            ops.bf16_linear(x, weight), x @ weight.float().T, rtol=1e-4, atol=1e-4
+        )
+    # past 16 rows: torch's bf16 GEMM, x rounded to bf16 first
+    weight, x = torch.randn(6, d_in).bfloat16(), torch.randn(17, d_in)
+    torch.testing.assert_close(
+        ops.bf16_linear(x, weight), (x.bfloat16().float() @ weight.float().T),
+        rtol=1e-2, atol=1e-2,
+    )
+
+
 def test_empty_batch():
     codes, packed, values = sketch(12, 64, 4, 4)
     x = torch.randn(0, 64)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..format import unpack_codes
@@ -55,6 +56,14 @@ def lut_linear(
     if _fast_gpu(x, codes, values):
         return gpu.lut_linear(x, codes, values, bits)
     return _LutLinear.apply(x, unpacked(codes, bits, x.shape[-1]), values)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., d_in) @ weightᵀ for a dense bf16 weight (d_out, d_in), in x's dtype. On CPU the C++
+    GEMV reads the weight as stored and computes in fp32; elsewhere x is rounded to bf16."""
+    if _fast_cpu(x, weight):
+        return torch.ops.sketchtune.bf16_linear.default(x, weight)
+    return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
 
 
 def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:

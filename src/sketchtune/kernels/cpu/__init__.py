@@ -1,7 +1,8 @@
 """The C++ CPU kernels: built on first use with torch's extension machinery, then cached.
 
-Loading registers the `sketchtune::lut_linear` op (with its autograd) and its two gradient ops;
-this module adds their shape functions so that torch.compile can trace them.
+Loading registers the `sketchtune::lut_linear` op (with its autograd), its two gradient ops and
+`sketchtune::bf16_linear` (a dense bf16 GEMV, for inference); this module adds their shape
+functions so that torch.compile can trace them.
 """
 
 from __future__ import annotations
@@ -85,3 +86,7 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("sketchtune::lut_linear_values_grad")
     def _(grad_out, x, codes, values, bits):
         return values.new_empty(values.shape)
+
+    @torch.library.register_fake("sketchtune::bf16_linear")
+    def _(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))

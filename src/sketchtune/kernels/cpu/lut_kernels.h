@@ -53,6 +53,9 @@ struct Kernels {
   // out[r - r0, c - c0] = Ŵ[r, c] for r in [r0, r1), c in [c0, c1); row stride ldo.
   void (*dequant)(const Sketch&, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* out,
                   int64_t ldo);
+  // y[:, r0:r1] = x W[r0:r1]ᵀ for a dense bf16 weight W (d_out, d_in), rows as in GemvArgs
+  // (x_lane unused): the bf16 output head of a small model, read at half the bytes of fp32.
+  void (*bf16_gemv)(const uint16_t* w, int64_t d_in, const GemvArgs&, int64_t r0, int64_t r1);
 };
 
 // nullptr where the file was not compiled for that ISA (another architecture or compiler).

@@ -190,6 +190,37 @@ Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values
   return y.to(x.scalar_type()).view(sizes);
 }
 
+// y = x Wᵀ for a dense bf16 weight, fp32 arithmetic: small batches read W once through the
+// kernels; larger ones run torch's bf16 GEMM (the rounding of x to bf16 is then torch's).
+Tensor bf16_linear_cpu(const Tensor& x, const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
+              "sketchtune: bf16_linear takes a 2-D bfloat16 weight");
+  const int64_t d_in = x.size(-1), d_out = weight.size(0);
+  TORCH_CHECK(weight.size(1) == d_in, "sketchtune: weight of shape ", weight.sizes(),
+              " does not fit inputs of width ", d_in);
+  auto sizes = x.sizes().vec();
+  sizes.back() = d_out;
+  const Tensor x2 = as_fp32_rows(x, d_in);
+  const int64_t n = x2.size(0);
+  if (n > kGemvMaxRows)
+    return at::linear(x2.to(at::kBFloat16), weight).to(x.scalar_type()).view(sizes);
+  Tensor y = at::empty({n, d_out}, x2.options());
+  if (n == 0) return y.to(x.scalar_type()).view(sizes);
+  const Tensor w = weight.contiguous();
+  const auto* wp = static_cast<const uint16_t*>(w.data_ptr());
+  const Kernels& k = kernels();
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  parallel_rows(0, d_out, grain_rows(d_in * n), [&](int64_t r0, int64_t r1) {
+    for (int64_t b = 0; b < n; b += kGemvRows) {
+      const GemvArgs a{xp + b * d_in, nullptr, yp + b * d_out, std::min<int64_t>(kGemvRows, n - b),
+                       d_out};
+      k.bf16_gemv(wp, d_in, a, r0, r1);
+    }
+  });
+  return y.to(x.scalar_type()).view(sizes);
+}
+
 // dX = dY Ŵ over column tiles of Ŵ.
 Tensor lut_linear_input_grad_cpu(const Tensor& grad_out, const Tensor& codes,
                                  const Tensor& values, int64_t bits) {
@@ -290,6 +321,7 @@ TORCH_LIBRARY_FRAGMENT(sketchtune, m) {
   m.def(
       "lut_linear_values_grad(Tensor grad_out, Tensor x, Tensor codes, Tensor values, int bits)"
       " -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("cpu_isa(str request) -> str", &sketchtune::cpu_isa);
 }
 
@@ -297,6 +329,7 @@ TORCH_LIBRARY_IMPL(sketchtune, CPU, m) {
   m.impl("lut_linear", &sketchtune::lut_linear_cpu);
   m.impl("lut_linear_input_grad", &sketchtune::lut_linear_input_grad_cpu);
   m.impl("lut_linear_values_grad", &sketchtune::lut_linear_values_grad_cpu);
+  m.impl("bf16_linear", &sketchtune::bf16_linear_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sketchtune, Autograd, m) {
