@@ -3,10 +3,9 @@
 Prints, for a 4096 x 4096 layer (4 bits, gpr 4 unless told): the single-row LUT GEMV against
 torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4 (fp32 tables as in training,
 bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's layer shapes and its
-bf16 output head; prefill
-of 512 tokens against dense fp32 GEMM, a training step (forward + backward, 8 x 128 tokens)
-against the reference path, and the machine's streaming-read bandwidth with the floor it implies
-for the GEMV.
+bf16 output head; prefill of 512 tokens against dense fp32 GEMM, a training step (forward +
+backward, 8 x 128 tokens) against the reference path, and the machine's streaming-read bandwidth
+with the floor it implies for the GEMV.
 Every time is the median of --repeats rounds in which the compared calls take turns (the
 machine is shared: expect noise in the times, less in the ratios).
 
