@@ -266,6 +266,20 @@ inline const float* fp32_entries(const Tab* entries, const Split& sp, int64_t c0
   }
 }
 
+// Asks for row r's codes and tables ahead of use. A decode step reads each layer once, from
+// DRAM: without this the GEMV waits on one cache line after another (latency, not bandwidth).
+template <class Tab>
+inline void prefetch_row(const Sketch& s, const Tab* tables, int64_t r) {
+  if (r >= s.d_out) return;
+  const int64_t rb = s.row_bytes(), table_bytes = s.gpr * (int64_t{1} << s.bits) * sizeof(Tab);
+  const char* codes = reinterpret_cast<const char*>(s.codes + r * rb);
+  const char* table = reinterpret_cast<const char*>(tables + r * s.gpr * (int64_t{1} << s.bits));
+  for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(codes + off);
+  for (int64_t off = 0; off < table_bytes; off += 64) __builtin_prefetch(table + off);
+}
+
+constexpr int64_t kPrefetchRows = 8;  // about 4 row pairs of work ahead of DRAM latency
+
 template <class I, int BITS, int NB, class Tab>
 void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   using V = typename I::V;
@@ -282,9 +296,12 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
   for (int64_t g = 0; g < s.gpr && g < 8; ++g)
     far[g] = split<Big, Small, BITS>(g * group, (g + 1) * group, rb + kFar);
   auto is_far = [&](int64_t r) { return (s.d_out - r) * rb >= rb + kFar && s.gpr <= 8; };
+  for (int64_t r = r0; r < std::min(r1, r0 + kPrefetchRows); ++r) prefetch_row(s, tables, r);
   int64_t r = r0;
   if constexpr (NB == 1) {  // decode: rows in pairs while both are far from the codes' end
     for (; r + 1 < r1 && is_far(r + 1); r += 2) {
+      prefetch_row(s, tables, r + kPrefetchRows);
+      prefetch_row(s, tables, r + kPrefetchRows + 1);
       const uint8_t *row0 = s.codes + r * rb, *row1 = row0 + rb;
       V acc0[2] = {I::zero(), I::zero()}, acc1[2] = {I::zero(), I::zero()};
       float rest0 = 0, rest1 = 0;
@@ -315,6 +332,7 @@ void gemv_rows(const Sketch& s, const GemvArgs& a, int64_t r0, int64_t r1) {
     }
   }
   for (; r < r1; ++r) {
+    prefetch_row(s, tables, r + kPrefetchRows);
     const uint8_t* row = s.codes + r * rb;
     const bool near_end = !is_far(r);
     V acc[NACC][NB];
