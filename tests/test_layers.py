@@ -48,8 +48,9 @@ def test_gradients_match_autograd_through_explicit_gather():
     w = torch.gather(values, 2, index).reshape(10, 32)
     F.linear(x_ref, w).pow(2).sum().backward()
 
-    torch.testing.assert_close(layer.values.grad, values.grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    # the kernels sum in another order than F.linear: fp32 rounding, not fp32's default tolerance
+    torch.testing.assert_close(layer.values.grad, values.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
     assert layer.values.grad.dtype == torch.float32
 
 
