@@ -172,6 +172,19 @@ def test_bf16_linear_matches_fp32_arithmetic_on_the_bf16_weight(isa, d_in):
     )
 
 
+@pytest.mark.parametrize("tables", [torch.float32, torch.bfloat16])
+def test_gemv_reads_strided_and_batched_activations(tables):
+    # The GEMV reads contiguous fp32 rows in place; any other layout goes through a copy.
+    codes, packed, values = sketch(40, 96, 4, 4, seed=5)
+    values = values.to(tables)
+    for x in (torch.randn(96, 5).T, torch.randn(1, 1, 96), torch.randn(3, 2, 96)[:, 1]):
+        torch.testing.assert_close(
+            ops.lut_linear(x, packed, values, 4),
+            reference.lut_linear_forward(x, codes, values.float()),
+            rtol=1e-4, atol=2e-4,
+        )
+
+
 def test_empty_batch():
     codes, packed, values = sketch(12, 64, 4, 4)
     x = torch.randn(0, 64)

@@ -67,10 +67,11 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    # is_cpu, not device.type: a decode step asks this some 200 times per token
     return (
         _fast_enabled
-        and x.device.type == "cpu"
-        and codes.device.type == "cpu"
+        and x.is_cpu
+        and codes.is_cpu
         and x.dtype in cpu.FAST_DTYPES
         and cpu.available()
     )

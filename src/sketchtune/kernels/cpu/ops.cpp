@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "lut_kernels.h"
 
@@ -121,38 +122,36 @@ void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64
   });
 }
 
-// x (n, d_in) with every body chunk's columns (see `body_chunk_start`) in the kernels' lane order.
-Tensor lane_order(const Gemv& k, const Sketch& s, const Tensor& x) {
+// x (n, d_in) with every body chunk's columns (see `body_chunk_start`) in the kernels' lane
+// order: x itself where that order is natural, else a copy in `buffer` (reused between calls).
+const float* lane_order(const Gemv& k, const Sketch& s, const float* x, int64_t n,
+                        std::vector<float>& buffer) {
   const int64_t L = k.chunk[s.bits];
   const int* column = k.lane_column[s.bits];
   bool natural = true;
   for (int64_t lane = 0; lane < L; ++lane) natural = natural && column[lane] == lane;
   if (natural) return x;
-  Tensor out = x.clone();
-  const int64_t n = x.size(0), group = s.group();
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  buffer.assign(x, x + n * s.d_in);
+  const int64_t group = s.group();
   for (int64_t g = 0; g < s.gpr; ++g) {
     const int64_t end = (g + 1) * group;
     for (int64_t c = body_chunk_start(g * group, s.bits); c + L <= end; c += L)
       for (int64_t b = 0; b < n; ++b)
         for (int64_t lane = 0; lane < L; ++lane)
-          dst[b * s.d_in + c + lane] = src[b * s.d_in + c + column[lane]];
+          buffer[b * s.d_in + c + lane] = x[b * s.d_in + c + column[lane]];
   }
-  return out;
+  return buffer.data();
 }
 
-void lut_gemv(const Sketch& s, const Tensor& x, Tensor& y) {
+// y (n, d_out) = x (n, d_in) Ŵᵀ, n <= kGemvMaxRows, through the LUT GEMV.
+void lut_gemv(const Sketch& s, const float* x, int64_t n, float* y) {
   const Gemv& k = s.values_bf16 ? kernels().gemv_bf16 : kernels().gemv;
-  const int64_t n = x.size(0);
   if (n == 0) return;
-  const Tensor xl = lane_order(k, s, x);
-  const float* xp = x.data_ptr<float>();
-  const float* xlp = xl.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  thread_local std::vector<float> buffer;
+  const float* xl = lane_order(k, s, x, n, buffer);
   parallel_rows(0, s.d_out, grain_rows(s.d_in * n), [&](int64_t r0, int64_t r1) {
     for (int64_t b = 0; b < n; b += kGemvRows) {
-      const GemvArgs a{xp + b * s.d_in, xlp + b * s.d_in, yp + b * s.d_out,
+      const GemvArgs a{x + b * s.d_in, xl + b * s.d_in, y + b * s.d_out,
                        std::min<int64_t>(kGemvRows, n - b), s.d_out};
       k.run(s, a, r0, r1);
     }
@@ -173,21 +172,27 @@ void tiled_forward(const Sketch& s, const Tensor& x, Tensor& y) {
 
 Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values, int64_t bits) {
   const int64_t d_in = x.size(-1);
-  const Tensor x2 = as_fp32_rows(x, d_in);
-  // The GEMV reads bf16 tables as they are (half the table bytes); the tiled path widens them.
-  const bool gemv = x2.size(0) <= kGemvMaxRows;
-  const bool keep_bf16 = gemv && values.scalar_type() == at::kBFloat16;
-  const Tensor c = codes.contiguous();
-  const Tensor v = (keep_bf16 ? values : values.to(at::kFloat)).contiguous();
-  const Sketch s = sketch_of(c, v, bits, d_in);
-  Tensor y = at::empty({x2.size(0), s.d_out}, x2.options());
-  if (gemv)
-    lut_gemv(s, x2, y);
-  else
-    tiled_forward(s, x2, y);
   auto sizes = x.sizes().vec();
-  sizes.back() = s.d_out;
-  return y.to(x.scalar_type()).view(sizes);
+  sizes.back() = codes.size(0);
+  const int64_t n = d_in > 0 ? x.numel() / d_in : 0;
+  const Tensor c = codes.contiguous();
+  if (n > kGemvMaxRows) {  // the tiled path widens bf16 tables
+    const Tensor x2 = as_fp32_rows(x, d_in), v = values.to(at::kFloat).contiguous();
+    const Sketch s = sketch_of(c, v, bits, d_in);
+    Tensor y = at::empty({n, s.d_out}, x2.options());
+    tiled_forward(s, x2, y);
+    return y.to(x.scalar_type()).view(sizes);
+  }
+  // The GEMV reads bf16 tables as they are (half the table bytes), and fp32 activations in
+  // place: a decode step calls this some 200 times per token, so no tensor op is spared.
+  const Tensor v = values.scalar_type() == at::kBFloat16 ? values.contiguous()
+                                                         : values.to(at::kFloat).contiguous();
+  const Sketch s = sketch_of(c, v, bits, d_in);
+  const bool fp32 = x.scalar_type() == at::kFloat && x.is_contiguous();
+  const Tensor x2 = fp32 ? x : as_fp32_rows(x, d_in);
+  Tensor y = at::empty(sizes, x2.options());
+  lut_gemv(s, x2.data_ptr<float>(), n, y.data_ptr<float>());
+  return fp32 ? y : y.to(x.scalar_type());
 }
 
 // y = x Wᵀ for a dense bf16 weight, fp32 arithmetic: small batches read W once through the
