@@ -1,6 +1,8 @@
 """The command line on a tiny model: the whole compress -> generate -> eval path, and bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +121,14 @@ def test_unknown_model_fails_at_once_when_the_hub_is_unreachable(monkeypatch, ca
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     line = one_line_error(*run(capsys, "eval", "smollm2-135")[::2])
     assert "unknown model 'smollm2-135'" in line and "did you mean 'smollm2-135m'" in line
+
+
+def test_help_and_argument_errors_do_not_import_the_model_stack():
+    # `sketchtune --help` or a mistyped option should answer at once: transformers, datasets and
+    # the trainer are imported by the commands that use them, not by the package or the parser.
+    code = (
+        "import sys, sketchtune.cli\n"
+        "heavy = [m for m in ('transformers', 'datasets', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

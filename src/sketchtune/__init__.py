@@ -1,30 +1,27 @@
 """sketchtune: compress a causal LM into learned sketches, then fine-tune only the sketch values."""
 
-from .api import compress, load, load_any
-from .compression import SketchConfig, compress_model
-from .hub import save_sketched
-from .layers import SketchLinear
-from .task_sketch import apply_task_sketch, extract_task_sketch, load_task_sketch
+from importlib import import_module
 
-__all__ = [
-    "SketchConfig",
-    "SketchLinear",
-    "apply_task_sketch",
-    "extract_task_sketch",
-    "finetune",
-    "compress",
-    "compress_model",
-    "load",
-    "load_any",
-    "load_task_sketch",
-    "save_sketched",
-]
+# Public name -> the module that defines it. Imported on first use: transformers, datasets and the
+# trainer stack take seconds to import, and `sketchtune --help` or a bad option should not wait.
+_EXPORTS = {
+    "SketchConfig": "compression",
+    "SketchLinear": "layers",
+    "apply_task_sketch": "task_sketch",
+    "compress": "api",
+    "compress_model": "compression",
+    "extract_task_sketch": "task_sketch",
+    "finetune": "train",
+    "load": "api",
+    "load_any": "api",
+    "load_task_sketch": "task_sketch",
+    "save_sketched": "hub",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # The trainer stack (Trainer, datasets) is heavy: import it only when asked for.
-    if name == "finetune":
-        from .train import finetune
-
-        return finetune
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'sketchtune' has no attribute {name!r}")
