@@ -27,6 +27,9 @@ from sketchtune.format import pack_codes
 from sketchtune.kernels import cpu
 
 SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
+# One SmolLM2-135M decoder layer's projections in call order: q, k, v, o, gate, up, down.
+SMOLLM2_LAYER = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                 (576, 1536))
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int,
@@ -64,6 +67,27 @@ def read_bandwidth(repeats: int) -> float:
 def random_sketch(d_out: int, d_in: int, bits: int, gpr: int):
     codes = torch.randint(0, 1 << bits, (d_out, d_in), dtype=torch.uint8)
     return pack_codes(codes, bits), torch.randn(d_out, gpr, 1 << bits)
+
+
+def decode_token_layers(gpr: int, repeats: int) -> None:
+    """A decode token's projections: SmolLM2's 30 layers x 7, each read once per token, so from
+    DRAM (the machine's L3 holds neither set), as in `generate`."""
+    layers = [shape for _ in range(30) for shape in SMOLLM2_LAYER]
+    sketched = [random_sketch(o, i, 4, gpr) for o, i in layers]
+    sketched = [(c, v.bfloat16()) for c, v in sketched]
+    weights = [torch.randn(o, i) for o, i in layers]
+    xs = {i: torch.randn(1, i) for _, i in layers}
+    pair = median_times({
+        "sketch": lambda: [kernels.lut_linear(xs[c.shape[1] * 2], c, v, 4) for c, v in sketched],
+        "dense": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+    }, repeats)
+    sketch_bytes = sum(c.numel() + v.numel() * 2 for c, v in sketched)
+    print(
+        f"decode token's 210 SmolLM2 projections, each read once: sketch "
+        f"{pair['sketch'] * 1e3:6.2f} ms {sketch_bytes / pair['sketch'] / 1e9:6.2f} GB/s "
+        f"achieved, dense fp32 {pair['dense'] * 1e3:6.2f} ms, "
+        f"{pair['dense'] / pair['sketch']:5.2f}x faster"
+    )
 
 
 def main() -> None:
@@ -131,6 +155,8 @@ def main() -> None:
             f"4-bit GEMV {d_out:4d} x {d_in:4d}, bf16 tables {t * 1e6:7.1f} us "
             f"{t / d_out / d_in * 1e12:6.1f} ps/weight  vs dense fp32 {t_dense / t:5.2f}x faster"
         )
+
+    decode_token_layers(args.gpr, r)
 
     # SmolLM2's output head kept dense in bf16 (serving.bf16_embeddings): our GEMV vs torch's.
     head, xh = torch.randn(49152, 576).bfloat16(), torch.randn(1, 576)

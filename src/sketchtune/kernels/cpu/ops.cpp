@@ -19,7 +19,10 @@ using at::Tensor;
 
 constexpr int64_t kGemvMaxRows = 16;  // up to here the LUT GEMV (4 rows a pass) beats tiles
 constexpr int64_t kTileFloats = 1 << 22;  // one dequantized tile: 16 MiB, within L3
-constexpr int64_t kGrainWeights = 1 << 14;  // weights per task below which threads do not pay
+// Weights per block of rows handed to a thread. Each block starts its rows' prefetches afresh, so
+// small blocks wait on DRAM more often: a SmolLM2 decode token's 210 calls, each layer read once,
+// took 8-15% less time with blocks of 64K weights than of 16K (and 16K than 4K).
+constexpr int64_t kGrainWeights = 1 << 16;
 
 std::atomic<const Kernels*> g_kernels{nullptr};
 
