@@ -187,7 +187,7 @@ Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values
     return y.to(x.scalar_type()).view(sizes);
   }
   // The GEMV reads bf16 tables as they are (half the table bytes), and fp32 activations in
-  // place: a decode step calls this some 200 times per token, so no tensor op is spared.
+  // place: a decode step calls this some 200 times per token, so each tensor op saved counts.
   const Tensor v = values.scalar_type() == at::kBFloat16 ? values.contiguous()
                                                          : values.to(at::kFloat).contiguous();
   const Sketch s = sketch_of(c, v, bits, d_in);
