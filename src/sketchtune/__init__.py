@@ -1,6 +1,6 @@
 """sketchtune: compress a causal LM into learned sketches, then fine-tune only the sketch values."""
 
-from importlib import import_module
+from .lazy import lazy_getattr
 
 # Public name -> the module that defines it. Imported on first use: transformers, datasets and the
 # trainer stack take seconds to import, and `sketchtune --help` or a bad option should not wait.
@@ -20,8 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'sketchtune' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ Names are imported on first use, so that building the CLI parser stays light.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_getattr
 
 _EXPORTS = {
     "AnalyzeRequest": "pipeline",
@@ -26,8 +26,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
