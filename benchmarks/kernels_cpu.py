@@ -26,10 +26,10 @@ from sketchtune import kernels
 from sketchtune.format import pack_codes
 from sketchtune.kernels import cpu
 
-SMOLLM2_SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 # One SmolLM2-135M decoder layer's projections in call order: q, k, v, o, gate, up, down.
 SMOLLM2_LAYER = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
                  (576, 1536))
+SMOLLM2_SHAPES = tuple(dict.fromkeys(SMOLLM2_LAYER))  # each shape once, in call order
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int,
@@ -73,15 +73,17 @@ def decode_token_layers(gpr: int, repeats: int) -> None:
     """A decode token's projections: SmolLM2's 30 layers x 7, each read once per token, so from
     DRAM (the machine's L3 holds neither set), as in `generate`."""
     layers = [shape for _ in range(30) for shape in SMOLLM2_LAYER]
-    sketched = [random_sketch(o, i, 4, gpr) for o, i in layers]
-    sketched = [(c, v.bfloat16()) for c, v in sketched]
-    weights = [torch.randn(o, i) for o, i in layers]
-    xs = {i: torch.randn(1, i) for _, i in layers}
+    xs = {d_in: torch.randn(1, d_in) for _, d_in in layers}
+    sketched = []  # (activation row, packed codes, bf16 tables) per call
+    for d_out, d_in in layers:
+        codes, values = random_sketch(d_out, d_in, 4, gpr)
+        sketched.append((xs[d_in], codes, values.bfloat16()))
+    dense = [(xs[d_in], torch.randn(d_out, d_in)) for d_out, d_in in layers]
     pair = median_times({
-        "sketch": lambda: [kernels.lut_linear(xs[c.shape[1] * 2], c, v, 4) for c, v in sketched],
-        "dense": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+        "sketch": lambda: [kernels.lut_linear(x, c, v, 4) for x, c, v in sketched],
+        "dense": lambda: [F.linear(x, w) for x, w in dense],
     }, repeats)
-    sketch_bytes = sum(c.numel() + v.numel() * 2 for c, v in sketched)
+    sketch_bytes = sum(c.numel() + v.numel() * v.element_size() for _, c, v in sketched)
     print(
         f"decode token's 210 SmolLM2 projections, each read once: sketch "
         f"{pair['sketch'] * 1e3:6.2f} ms {sketch_bytes / pair['sketch'] / 1e9:6.2f} GB/s "

@@ -191,11 +191,11 @@ Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values
   const Tensor v = values.scalar_type() == at::kBFloat16 ? values.contiguous()
                                                          : values.to(at::kFloat).contiguous();
   const Sketch s = sketch_of(c, v, bits, d_in);
-  const bool fp32 = x.scalar_type() == at::kFloat && x.is_contiguous();
-  const Tensor x2 = fp32 ? x : as_fp32_rows(x, d_in);
+  const bool in_place = x.scalar_type() == at::kFloat && x.is_contiguous();
+  const Tensor x2 = in_place ? x : as_fp32_rows(x, d_in);
   Tensor y = at::empty(sizes, x2.options());
   lut_gemv(s, x2.data_ptr<float>(), n, y.data_ptr<float>());
-  return fp32 ? y : y.to(x.scalar_type());
+  return in_place ? y : y.to(x.scalar_type());
 }
 
 // y = x Wᵀ for a dense bf16 weight, fp32 arithmetic: small batches read W once through the
