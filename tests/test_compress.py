@@ -24,7 +24,7 @@ def test_every_projection_is_sketched_in_every_family(family):
         out = model(x).logits
     rel = (out - reference).norm() / reference.norm()
     assert rel < 0.15, rel
-    assert model.config.quantization_config["modules"] == names
+    assert model.config.quantization_config.modules == names
 
 
 def test_steps_group_projections_that_share_an_input():

@@ -16,7 +16,7 @@ def test_smollm2_compress_save_load_generate(tmp_path):
     model, tokenizer = load_dense("smollm2-135m")
     dense_ppl = heldout_perplexity(model, tokenizer, samples=4, seq_len=256, progress=False)
     compress(model, tokenizer, SketchConfig(bits=4, gpr=4), samples=4, seq_len=256)
-    assert len(model.config.quantization_config["modules"]) == 30 * 7
+    assert len(model.config.quantization_config.modules) == 30 * 7
     save_sketched(model, tokenizer, tmp_path / "smol")
 
     loaded, tok = load_any(str(tmp_path / "smol"))
@@ -27,4 +27,4 @@ def test_smollm2_compress_save_load_generate(tmp_path):
     # Even 4 calibration sequences keep the sketch close to the dense model.
     assert sketched_ppl["perplexity"] < 1.3 * dense_ppl["perplexity"]
     assert "Paris" in generate_text(loaded, tok, "What is the capital of France?", 16, chat=True)
-    assert load(tmp_path / "smol").config.quantization_config["groups_per_row"] == 4
+    assert load(tmp_path / "smol").config.quantization_config.groups_per_row == 4

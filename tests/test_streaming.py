@@ -130,7 +130,7 @@ def test_compress_to_folder_streams_and_reloads(tmp_path):
     assert summary["streamed"] is True
     assert summary["peak_rss_mb"] > 0
     reloaded = load(tmp_path / "out")
-    assert reloaded.config.quantization_config["modules"]
+    assert reloaded.config.quantization_config.modules
     x = torch.randint(2, 97, (1, 12))
     with torch.no_grad():
         assert torch.isfinite(reloaded(x).logits).all()

@@ -1,6 +1,7 @@
 """sketchtune: compress a causal LM into learned sketches, then fine-tune only the sketch values."""
 
 from .lazy import lazy_getattr
+from .registration import install as _install_quantizer
 
 # Public name -> the module that defines it. Imported on first use: transformers, datasets and the
 # trainer stack take seconds to import, and `sketchtune --help` or a bad option should not wait.
@@ -21,3 +22,5 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+_install_quantizer()  # AutoModelForCausalLM.from_pretrained reads sketched folders from here on

@@ -117,8 +117,8 @@ def compress_to_folder(
         "source": source,
         "output": str(output),
         "seconds": round(seconds, 1),
-        "sketched_layers": len(model.config.quantization_config["modules"]),
-        "bytes_on_disk": (Path(output) / hub.WEIGHTS_NAME).stat().st_size,
+        "sketched_layers": len(hub.format_of(model).modules),
+        "bytes_on_disk": sum(f.stat().st_size for f in hub.checkpoint_files(output)),
         "streamed": opened is not None,
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
     }

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compression import _set_submodule, find_decoder_blocks
+from .compression import find_decoder_blocks
 from .format import pack_codes, unpack_codes
 
 NF_BLOCK = 64
@@ -105,5 +105,5 @@ def qlora_style_model(model: nn.Module, rank: int) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for name, linear in block_linears(model).items():
-        _set_submodule(model, name, NF4LoraLinear(linear, rank))
+        model.set_submodule(name, NF4LoraLinear(linear, rank))
     return model

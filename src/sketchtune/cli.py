@@ -44,8 +44,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
+    from .layers import sketched_layers
     from .serving import bf16_embeddings
-    from .task_sketch import sketched_layers
 
     model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
     if sketched_layers(model):  # its embeddings are stored in bf16: keep them so, for speed

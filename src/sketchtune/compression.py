@@ -9,6 +9,7 @@ already-sketched steps before it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -18,11 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SketchtuneError
-from .format import SketchedWeight, check_settings, check_shape
+from .format import SketchedWeight, SketchFormatConfig, check_settings, check_shape
 from .layers import SketchLinear
 from .learn import learn_sketch
 
 STORAGE_DTYPE = torch.bfloat16
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,11 +156,6 @@ def _input_hessian(
     return hessian * (2.0 / max(count, 1))
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def _sketch_step(
     block: nn.Module, names: list[str], hessian: torch.Tensor | None, config: SketchConfig
 ) -> None:
@@ -181,7 +178,7 @@ def _sketch_step(
     for name, lin, c, v in zip(names, linears, codes.split(rows), values.split(rows), strict=True):
         bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE).float()
         sketched = SketchLinear.from_sketch(SketchedWeight.from_codes(c, v, config.bits), bias)
-        _set_submodule(block, name, sketched.to(lin.weight.device))
+        block.set_submodule(name, sketched.to(lin.weight.device))
 
 
 def sketchable_names(block: nn.Module, gpr: int, bits: int) -> set[str]:
@@ -217,6 +214,7 @@ def compress_model(
         raise SketchtuneError("data-aware compression needs calibration text")
     device = next(p.device for p in model.parameters() if not p.is_meta)
     sketched: list[str] = []
+    left_dense: list[str] = []
     inputs = None
     with torch.no_grad():
         if config.data_aware:
@@ -227,6 +225,10 @@ def compress_model(
             if before_block is not None:
                 before_block(index)
             allowed = sketchable_names(block, config.gpr, config.bits)
+            left_dense.extend(
+                f"{blocks_name}.{index}.{name}" for name, module in block.named_modules()
+                if isinstance(module, nn.Linear) and name not in allowed
+            )
             if inputs is None:
                 steps = [[n] for n in sorted(allowed)]
             else:
@@ -247,15 +249,20 @@ def compress_model(
             "no linear projection in the decoder blocks could be sketched: their input sizes "
             f"are not divisible by gpr={config.gpr} and the {config.bits}-bit packing unit"
         )
+    if left_dense:
+        logger.warning(
+            "%d projections left dense: their input sizes do not fit gpr=%d at %d bits (%s, ...)",
+            len(left_dense), config.gpr, config.bits, left_dense[0],
+        )
     round_to_storage(model)
-    model.config.quantization_config = {
-        "quant_method": "sketchtune",
-        "bits": config.bits,
-        "groups_per_row": config.gpr,
-        "modules": sketched,
-        "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
-        "learning": config.to_dict(),
-    }
+    model.config.quantization_config = SketchFormatConfig(
+        bits=config.bits,
+        groups_per_row=config.gpr,
+        modules=sketched,
+        storage_dtype=str(STORAGE_DTYPE).removeprefix("torch."),
+        dense_projections=left_dense,
+        learning=config.to_dict(),
+    )
     return sketched
 
 

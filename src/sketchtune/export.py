@@ -10,8 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .atomic import atomic_directory
-from .compression import _set_submodule
-from .task_sketch import sketched_layers
+from .layers import sketched_layers
 
 
 def densify(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
@@ -22,8 +21,10 @@ def densify(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> PreT
         dense.weight = nn.Parameter(layer.dequantized_weight().to(dtype), requires_grad=False)
         if layer.bias is not None:
             dense.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        _set_submodule(model, name, dense)
-    if hasattr(model.config, "quantization_config"):
+        model.set_submodule(name, dense)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # a plain model again: .to(dtype)
+    elif hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model.to(dtype)
 

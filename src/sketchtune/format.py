@@ -8,20 +8,33 @@ A sketched weight of shape (d_out, d_in) is stored as
   values: shape (d_out, gpr, 2**bits): the table of each (row, group); group g covers the columns
           [g * d_in / gpr, (g + 1) * d_in / gpr).
 Reconstruction: W[r, c] = values[r, c // (d_in / gpr), codes[r, c]].
+
+A sketched folder's `quantization_config` is a `SketchFormatConfig`: it names the format version
+and the packing above, so a reader refuses a layout it does not know instead of misreading it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+from .errors import SketchtuneError
 
 SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_GPR = (1, 2, 4, 8)
 
+QUANT_METHOD = "sketchtune"
+# 1: folders written before the version was recorded (same layout as 2, no format_version key).
+# 2: format_version, packing and dense_projections recorded.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PACKING = "lsb-first"  # the first code of a packing unit in the lowest bits (see pack_codes)
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 
-class FormatError(ValueError):
+
+class FormatError(SketchtuneError, ValueError):
     """A shape or setting that the sketch format cannot represent."""
 
 
@@ -134,3 +147,77 @@ class SketchedWeight:
     def nbytes(self, value_bytes: int = 2) -> int:
         """Bytes the format needs on disk: packed codes plus values at `value_bytes` each."""
         return self.codes.numel() + self.values.numel() * value_bytes
+
+
+@dataclass
+class SketchFormatConfig:
+    """What a sketched folder's `quantization_config` holds: the one definition of its fields.
+
+    `modules`: the sketched projections (names relative to the model); `dense_projections`: the
+    block projections whose shapes the settings could not sketch, left dense; `fingerprint`:
+    `hub.base_fingerprint` of the codes; `learning`: the `SketchConfig` that learned them.
+    """
+
+    bits: int
+    groups_per_row: int
+    modules: list[str]
+    fingerprint: str | None = None
+    storage_dtype: str = "bfloat16"
+    dense_projections: list[str] = field(default_factory=list)
+    learning: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    packing: str = PACKING
+    quant_method: str = QUANT_METHOD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> SketchFormatConfig:
+        """Validate a stored config: one FormatError line for anything this reader cannot use."""
+        if not isinstance(raw, dict):
+            raise FormatError(f"quantization_config must be an object, got {type(raw).__name__}")
+        if raw.get("quant_method") != QUANT_METHOD:
+            method = raw.get("quant_method")
+            raise FormatError(f"quantization_config is not sketchtune's: {method!r}")
+        version = raw.get("format_version", 1)
+        if version not in READABLE_VERSIONS:
+            raise FormatError(
+                f"sketch format version {version!r} is not readable by this sketchtune "
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}): upgrade sketchtune"
+            )
+        packing = raw.get("packing", PACKING)
+        if packing != PACKING:
+            raise FormatError(f"unknown code packing {packing!r} (this reader knows {PACKING!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise FormatError(f"quantization_config has unknown keys {unknown}")
+        missing = [name for name in ("bits", "groups_per_row", "modules") if name not in raw]
+        if missing:
+            raise FormatError(f"quantization_config lacks {missing}")
+        config = cls(**{**raw, "format_version": FORMAT_VERSION, "packing": PACKING})
+        config._check_types()
+        return config
+
+    def _check_types(self) -> None:
+        for name in ("bits", "groups_per_row"):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise FormatError(f"quantization_config {name} must be an integer, got {value!r}")
+        check_settings(self.bits, self.groups_per_row)
+        for name in ("modules", "dense_projections"):
+            names = getattr(self, name)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise FormatError(f"quantization_config {name} must be a list of module names")
+        if not self.modules:
+            raise FormatError("quantization_config lists no sketched modules")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, str):
+            raise FormatError("quantization_config fingerprint must be a string")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise FormatError(
+                f"quantization_config storage_dtype {self.storage_dtype!r} is not one of "
+                f"{STORAGE_DTYPES}"
+            )
+        if not isinstance(self.learning, dict):
+            raise FormatError("quantization_config learning must be an object")

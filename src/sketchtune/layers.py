@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -62,6 +64,13 @@ class SketchLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.sketch().dequantize()
 
+    def train(self, mode: bool = True) -> SketchLinear:
+        """Training starts from fp32 master tables (bf16 updates round away); inference keeps
+        them as loaded. `.data` keeps the Parameter an optimizer may already hold."""
+        if mode and self.values.requires_grad and self.values.dtype != torch.float32:
+            self.values.data = self.values.data.float()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = lut_linear(x, self.codes, self.values, self.bits)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -71,3 +80,16 @@ class SketchLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, gpr={self.gpr}, bias={self.bias is not None}"
         )
+
+
+def sketched_layers(model: nn.Module) -> dict[str, SketchLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SketchLinear)}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over every sketched layer's name and packed codes: identifies a sketched base."""
+    digest = hashlib.sha256()
+    for name, module in sorted(sketched_layers(model).items()):
+        digest.update(name.encode())
+        digest.update(module.codes.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]

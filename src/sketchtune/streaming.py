@@ -8,7 +8,6 @@ None from `open_streaming`, and callers load the dense model whole as before.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,11 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .compression import find_decoder_blocks
 from .errors import SketchtuneError, corrupt_checkpoint
-from .hub import is_tied_output
+from .hub import INDEX_NAME, WEIGHTS_NAME, checkpoint_files
 from .memory import release_free_heap
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsCheckpoint:
@@ -30,16 +26,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        index = folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise SketchtuneError(f"corrupt checkpoint index {index}: {exc}") from None
-            self.file_of = {key: folder / name for key, name in weight_map.items()}
-        else:
-            file = folder / SINGLE_FILE
-            self.file_of = {key: file for key in self._keys(file)}
+        self.file_of = {key: file for file in checkpoint_files(folder) for key in self._keys(file)}
 
     @staticmethod
     def _keys(file: Path) -> list[str]:
@@ -118,7 +105,7 @@ def open_streaming(
 ) -> StreamingSource | None:
     """A streaming view of the dense model in `folder`, or None if it cannot be streamed."""
     folder = Path(folder)
-    if not ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()):
+    if not ((folder / WEIGHTS_NAME).is_file() or (folder / INDEX_NAME).is_file()):
         return None
     config = AutoConfig.from_pretrained(folder)
     if getattr(config, "quantization_config", None):
@@ -147,3 +134,14 @@ def _match_names(model: PreTrainedModel, keys: set[str]) -> dict[str, str] | Non
             if not is_tied_output(model, name):
                 return None
     return key_of
+
+
+def is_tied_output(model: PreTrainedModel, name: str) -> bool:
+    """True for the output embedding when the config ties it to the input embedding."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    output = model.get_output_embeddings()
+    return output is not None and any(
+        candidate is output.weight and key == name
+        for key, candidate in model.named_parameters(remove_duplicate=False)
+    )

@@ -2,7 +2,8 @@
 
 A task sketch folder holds `values.safetensors` (fp32, one tensor per layer, named like the layer)
 and `task_sketch.json` (the base model's fingerprint, bits, gpr, layer list, training settings).
-Applying one copies its tables into a loaded sketched base; several can be swapped on one base.
+Applying one copies its tables into a loaded sketched base. Like PEFT's named adapters, several
+can be resident on one base at once (`attach_task_sketch_switching`) and switched by name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 
 import torch
 from safetensors.torch import save_file
@@ -18,8 +20,8 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
-from .hub import _read_safetensors, base_fingerprint
-from .layers import SketchLinear
+from .hub import fingerprint_of, format_of, read_safetensors
+from .layers import sketched_layers
 
 VALUES_NAME = "values.safetensors"
 META_NAME = "task_sketch.json"
@@ -34,15 +36,6 @@ class TaskSketch:
     info: dict = field(default_factory=dict)  # training settings, data report, ...
 
 
-def sketched_layers(model: nn.Module) -> dict[str, SketchLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SketchLinear)}
-
-
-def _fingerprint_of(model: nn.Module) -> str:
-    quant = getattr(model.config, "quantization_config", None) or {}
-    return quant.get("fingerprint") or base_fingerprint(model)
-
-
 def extract_task_sketch(model: nn.Module, info: dict | None = None) -> TaskSketch:
     """The model's current values (a copy), tagged with its base fingerprint."""
     layers = sketched_layers(model)
@@ -50,29 +43,81 @@ def extract_task_sketch(model: nn.Module, info: dict | None = None) -> TaskSketc
         raise SketchtuneError("model has no sketched layers")
     first = next(iter(layers.values()))
     values = {name: layer.values.detach().float().cpu().clone() for name, layer in layers.items()}
-    return TaskSketch(values, _fingerprint_of(model), first.bits, first.gpr, dict(info or {}))
+    return TaskSketch(values, fingerprint_of(model), first.bits, first.gpr, dict(info or {}))
 
 
-def apply_task_sketch(model: nn.Module, sketch: TaskSketch) -> None:
-    """Copy a task sketch's tables into `model`; refuses a sketch made for another base."""
-    fingerprint = _fingerprint_of(model)
+def check_fits(model: nn.Module, sketch: TaskSketch) -> None:
+    """One error line unless `sketch` was made for this very base: fingerprint, settings, layers,
+    and each table's exact shape (a broadcastable shape would otherwise be copied silently)."""
+    fingerprint = fingerprint_of(model)
     if sketch.base_fingerprint != fingerprint:
         raise SketchtuneError(
             f"task sketch was made for base {sketch.base_fingerprint}, "
             f"but this model is {fingerprint}"
         )
+    base = format_of(model)
+    if (sketch.bits, sketch.gpr) != (base.bits, base.groups_per_row):
+        raise SketchtuneError(
+            f"task sketch is {sketch.bits}-bit gpr={sketch.gpr}, the base is "
+            f"{base.bits}-bit gpr={base.groups_per_row}"
+        )
     layers = sketched_layers(model)
     if set(layers) != set(sketch.values):
         raise SketchtuneError("task sketch does not cover the same layers as this model")
+    for name, layer in layers.items():
+        table = sketch.values[name]
+        if table.shape != layer.values.shape:
+            raise SketchtuneError(
+                f"task sketch table {name} has shape {tuple(table.shape)}, the base needs "
+                f"{tuple(layer.values.shape)}"
+            )
+
+
+def apply_task_sketch(model: nn.Module, sketch: TaskSketch) -> None:
+    """Copy a task sketch's tables into `model`; refuses a sketch made for another base."""
+    check_fits(model, sketch)
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in sketched_layers(model).items():
             new = sketch.values[name]
             if new.dtype == layer.values.dtype:
                 layer.values.copy_(new)
             else:  # e.g. a base loaded with its bf16 tables: take the fp32 tables unrounded
-                layer.values = nn.Parameter(
-                    new.to(layer.values.device), requires_grad=layer.values.requires_grad
-                )
+                layer.values.data = new.to(layer.values.device)
+
+
+def attach_task_sketch_switching(model: nn.Module) -> None:
+    """Give a sketched model PEFT-style named task sketches:
+    `model.load_task_sketch(path, name=None)` (resident, not applied),
+    `model.set_task_sketch(name)` / `model.set_task_sketch(None)` (the base's own values, exactly),
+    `model.task_sketches` (name -> TaskSketch) and `model.active_task_sketch`."""
+    model.task_sketches = {}
+    model.active_task_sketch = None
+    model._base_task_sketch = None  # the base's tables, kept on the first switch away from them
+    model.load_task_sketch = MethodType(_load_named, model)
+    model.set_task_sketch = MethodType(_set_named, model)
+
+
+def _load_named(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> str:
+    sketch = load_task_sketch(path)
+    check_fits(model, sketch)
+    name = name or Path(path).name
+    model.task_sketches[name] = sketch
+    return name
+
+
+def _set_named(model: nn.Module, name: str | None) -> None:
+    if name is not None and name not in model.task_sketches:
+        raise SketchtuneError(
+            f"no task sketch named {name!r} is loaded (loaded: {sorted(model.task_sketches)})"
+        )
+    if model._base_task_sketch is None:
+        layers = sketched_layers(model)
+        base = {n: layer.values.detach().clone() for n, layer in layers.items()}
+        model._base_task_sketch = TaskSketch(
+            base, fingerprint_of(model), format_of(model).bits, format_of(model).groups_per_row
+        )
+    apply_task_sketch(model, model.task_sketches[name] if name else model._base_task_sketch)
+    model.active_task_sketch = name
 
 
 def write_task_sketch(sketch: TaskSketch, folder: str | os.PathLike) -> None:
@@ -104,9 +149,15 @@ def load_task_sketch(path: str | os.PathLike) -> TaskSketch:
     try:
         meta = json.loads(meta_file.read_text())
         fingerprint, bits, gpr = meta["base_fingerprint"], meta["bits"], meta["groups_per_row"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise SketchtuneError(f"{meta_file} is damaged: {exc}") from None
-    values = {name: t.float() for name, t in _read_safetensors(folder / VALUES_NAME).items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
+        raise SketchtuneError(f"{meta_file} is damaged: {type(exc).__name__}: {exc}") from None
+    stored = read_safetensors(folder / VALUES_NAME)
+    for name, table in stored.items():
+        if table.dtype not in (torch.float32, torch.bfloat16):
+            raise SketchtuneError(f"task sketch table {name} is {table.dtype}: fp32 or bf16 only")
+        if not torch.isfinite(table).all():
+            raise SketchtuneError(f"task sketch table {name} has non-finite values (NaN or inf)")
+    values = {name: t.float() for name, t in stored.items()}
     if sorted(values) != sorted(meta.get("layers", values)):
         raise SketchtuneError(f"{folder}: values file and {META_NAME} name different layers")
     info = {k: v for k, v in meta.items()

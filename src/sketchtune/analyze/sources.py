@@ -77,8 +77,8 @@ def load_subject(
 
 def _sketched_subject(path: str, base: str | None, bits: int | None, gpr: int | None) -> Subject:
     sketched = hub.load(path)
-    quant = sketched.config.quantization_config
-    stored = (quant["bits"], quant["groups_per_row"])
+    quant = hub.format_of(sketched)
+    stored = (quant.bits, quant.groups_per_row)
     if (bits or stored[0], gpr or stored[1]) != stored:
         raise SketchtuneError(
             f"{path} is a {stored[0]}-bit gpr={stored[1]} sketch: "
@@ -87,13 +87,13 @@ def _sketched_subject(path: str, base: str | None, bits: int | None, gpr: int | 
     layers = sketched_layers(sketched)
     codes = {name: layer.sketch().unpacked_codes() for name, layer in layers.items()}
     values = {name: layer.values.detach().clone() for name, layer in layers.items()}
-    fingerprint = quant.get("fingerprint") or hub.base_fingerprint(sketched)
+    fingerprint = hub.fingerprint_of(sketched)
     if base is None:
         dense, tokenizer = densify(sketched, torch.float32), AutoTokenizer.from_pretrained(path)
     else:
         dense, tokenizer = load_dense(base)
         _check_same_layers(dense.float(), codes, base)
-    learning = quant.get("learning", {})
+    learning = quant.learning
     kind = "data-aware" if learning.get("data_aware", True) else "plain k-means"
     return Subject(
         dense.float(), tokenizer, list(layers), *stored, f"the {kind} sketch {path}", codes,
