@@ -82,3 +82,44 @@ def test_bad_settings_are_clear_errors():
         SketchConfig(bits=5)
     with pytest.raises(ValueError, match="gpr"):
         SketchConfig(gpr=3)
+
+
+def test_compress_on_an_explicit_device_matches_the_default():
+    # Device-generic code path (blocks moved to `device`, activations stored where they fit):
+    # on this CPU-only machine both runs are on the CPU, and must agree exactly.
+    from sketchtune.devices import resolve_device
+
+    calib = torch.randint(2, 97, (4, 32), generator=torch.Generator().manual_seed(1))
+    default, explicit = tiny_model(), tiny_model()
+    compress_model(default, calib, SketchConfig(bits=4, gpr=2), progress=False)
+    compress_model(explicit, calib, SketchConfig(bits=4, gpr=2), progress=False,
+                   device=resolve_device("cpu"))
+    for (name, a), (_, b) in zip(default.state_dict().items(), explicit.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_device_names_are_checked():
+    from sketchtune.devices import resolve_device
+
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(SketchtuneError, match="device must be"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SketchtuneError, match="no CUDA device"):
+            resolve_device("cuda:1")
+
+
+def test_activations_move_to_the_cpu_only_when_they_do_not_fit(monkeypatch):
+    from sketchtune import compression
+
+    block = tiny_model().model.layers[0]
+    hidden = torch.zeros(4, 32, 64)
+    inputs = [(hidden, {"position_embeddings": (torch.zeros(4, 32, 16), torch.zeros(4, 32, 16))})]
+    # inputs and outputs of the block (2 x hidden) plus the keyword tensors
+    assert compression.activation_bytes(inputs) == 4 * (2 * hidden.numel() + 2 * 4 * 32 * 16)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(compression, "free_bytes", lambda _device: 10**12)
+    assert compression.activation_store(gpu, inputs, block) == gpu
+    monkeypatch.setattr(compression, "free_bytes", lambda _device: 10**5)
+    assert compression.activation_store(gpu, inputs, block) == torch.device("cpu")

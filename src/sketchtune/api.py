@@ -14,6 +14,7 @@ from . import hub
 from .atomic import check_output_dir
 from .compression import SketchConfig, compress_model
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
+from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .memory import peak_rss_bytes
@@ -65,9 +66,11 @@ def compress(
     batch_size: int = 4,
     progress: bool = True,
     before_block: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Sketch `model` in place from calibration `texts` (default: the shipped calibration text).
-    `before_block` is `compress_model`'s hook (streaming fills each block there)."""
+    `before_block` is `compress_model`'s hook (streaming fills each block there); `device`
+    where the blocks are sketched (`devices.resolve_device`; default: where the model is)."""
     config = config or SketchConfig()
     windows = None
     if config.data_aware:
@@ -75,6 +78,7 @@ def compress(
     compress_model(
         model, windows, config, batch_size=batch_size, progress=progress,
         before_block=before_block,
+        device=None if device is None else resolve_device(device),
     )
     return model
 
@@ -89,13 +93,16 @@ def compress_to_folder(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    device: str | torch.device = "auto",
+    max_shard_size: int | str = hub.DEFAULT_MAX_SHARD_SIZE,
 ) -> dict:
-    """Sketch `source` into `output`. Returns a summary with timings.
+    """Sketch `source` into `output` on `device`. Returns a summary with timings.
 
     Safetensors sources are streamed: only the embeddings, the head and the block being sketched
     are ever dense in memory. Others are loaded whole first.
     """
     check_output_dir(output, force)
+    device = resolve_device(device)  # a bad or absent device fails before any work
     texts = read_text_file(calib_path) if calib_path else None
     opened = open_source_streaming(source)
     if opened is None:
@@ -107,12 +114,12 @@ def compress_to_folder(
     start = time.perf_counter()
     compress(
         model, tokenizer, config, texts, samples, seq_len, seed, progress=progress,
-        before_block=before_block,
+        before_block=before_block, device=device,
     )
     seconds = time.perf_counter() - start
     if opened is not None:
         opened[0].check_complete()
-    hub.save_sketched(model, tokenizer, output, force=force)
+    hub.save_sketched(model, tokenizer, output, force=force, max_shard_size=max_shard_size)
     return {
         "source": source,
         "output": str(output),
@@ -120,6 +127,7 @@ def compress_to_folder(
         "sketched_layers": len(hub.format_of(model).modules),
         "bytes_on_disk": sum(f.stat().st_size for f in hub.checkpoint_files(output)),
         "streamed": opened is not None,
+        "device": str(device),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
     }
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .devices import free_bytes, to_device, tree_map
 from .errors import SketchtuneError
 from .format import SketchedWeight, SketchFormatConfig, check_settings, check_shape
 from .layers import SketchLinear
@@ -127,13 +128,39 @@ def _linear_steps(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[
     return steps
 
 
+def activation_bytes(inputs: list[tuple[torch.Tensor, dict]]) -> int:
+    """Bytes the calibration activations need while a block runs: its inputs and its outputs,
+    2 x samples x seq_len x hidden x 4 (fp32), plus the per-batch keyword tensors (rotary
+    tables, masks)."""
+    sizes: list[int] = []
+    tree_map(lambda t: sizes.append(t.numel() * t.element_size()), inputs)
+    hidden = sum(h.numel() * h.element_size() for h, _ in inputs)
+    return sum(sizes) + hidden
+
+
+def activation_store(
+    device: torch.device, inputs: list[tuple[torch.Tensor, dict]], block: nn.Module
+) -> torch.device:
+    """`device` when the activations fit beside a block in fp32 and its largest Hessian with a
+    quarter of the free memory to spare; else the CPU (each batch then visits `device` in turn)."""
+    free = free_bytes(device)
+    if free is None:
+        return device
+    weights = sum(p.numel() for p in block.parameters()) * 4
+    widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
+    need = activation_bytes(inputs) + weights + 4 * widest**2
+    return device if need <= 0.75 * free else torch.device("cpu")
+
+
 def _input_hessian(
     block: nn.Module,
     linear: nn.Linear,
     inputs: list[tuple[torch.Tensor, dict]],
+    device: torch.device,
 ) -> torch.Tensor:
-    """H = 2/n Σ x xᵀ over every calibration token reaching `linear` (fp32, (d_in, d_in))."""
-    hessian = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+    """H = 2/n Σ x xᵀ over every calibration token reaching `linear` (fp32, (d_in, d_in)), on
+    `device`, each calibration batch moved there in turn."""
+    hessian = torch.zeros(linear.in_features, linear.in_features, device=device)
     count = 0
 
     def accumulate(_module, args):
@@ -146,9 +173,9 @@ def _input_hessian(
     handle = linear.register_forward_pre_hook(accumulate)
     try:
         with torch.no_grad():
-            for hidden, kwargs in inputs:
+            for batch in inputs:
                 try:
-                    _run_block(block, hidden, kwargs)
+                    _run_block(block, *to_device(batch, device))
                 except _StopForward:
                     pass
     finally:
@@ -201,8 +228,14 @@ def compress_model(
     batch_size: int = 4,
     progress: bool = True,
     before_block: Callable[[int], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Sketch every linear projection of every decoder block of `model`, in place.
+
+    `device` (default: where the model is) is where each block, its Hessians, Cholesky factors
+    and error compensation run, one block at a time; the model stays where it is, and the exact
+    k-means runs on CPU threads (numba) wherever `device` is. Calibration activations stay on
+    `device` when they fit there, else on the CPU (`activation_store`).
 
     calibration: (n, seq_len) token ids, required when `config.data_aware`. Returns the sketched
     module names (relative to the model) and records them in `model.config.quantization_config`.
@@ -212,18 +245,24 @@ def compress_model(
     blocks_name, blocks = find_decoder_blocks(model)
     if config.data_aware and (calibration is None or calibration.numel() == 0):
         raise SketchtuneError("data-aware compression needs calibration text")
-    device = next(p.device for p in model.parameters() if not p.is_meta)
+    home = next(p.device for p in model.parameters() if not p.is_meta)
+    device = home if device is None else torch.device(device)
     sketched: list[str] = []
     left_dense: list[str] = []
-    inputs = None
+    inputs = store = None
     with torch.no_grad():
         if config.data_aware:
-            calibration = calibration.to(device)
-            inputs = _capture_first_block_inputs(model, blocks[0], calibration, batch_size)
+            # Embeddings run where the model lives; only the blocks visit `device`.
+            inputs = _capture_first_block_inputs(
+                model, blocks[0], calibration.to(home), batch_size
+            )
+            store = activation_store(device, inputs, blocks[0])
+            inputs = to_device(inputs, store)
         bar = tqdm(blocks, desc="sketching blocks", unit="block", disable=not progress)
         for index, block in enumerate(bar):
             if before_block is not None:
                 before_block(index)
+            block.to(device)
             allowed = sketchable_names(block, config.gpr, config.bits)
             left_dense.extend(
                 f"{blocks_name}.{index}.{name}" for name, module in block.named_modules()
@@ -232,18 +271,23 @@ def compress_model(
             if inputs is None:
                 steps = [[n] for n in sorted(allowed)]
             else:
-                steps = _linear_steps(block, *inputs[0])
+                steps = _linear_steps(block, *to_device(inputs[0], device))
             for names in steps:
                 names = [n for n in names if n in allowed]
                 if not names:
                     continue
                 hessian = None
                 if inputs is not None:
-                    hessian = _input_hessian(block, block.get_submodule(names[0]), inputs)
+                    linear = block.get_submodule(names[0])
+                    hessian = _input_hessian(block, linear, inputs, device)
                 _sketch_step(block, names, hessian, config)
                 sketched.extend(f"{blocks_name}.{index}.{n}" for n in names)
             if inputs is not None and index + 1 < len(blocks):
-                inputs = [(_run_block(block, h, kw), kw) for h, kw in inputs]
+                inputs = [
+                    (to_device(_run_block(block, *to_device((h, kw), device)), store), kw)
+                    for h, kw in inputs
+                ]
+            block.to(home)
     if not sketched:
         raise SketchtuneError(
             "no linear projection in the decoder blocks could be sketched: their input sizes "
