@@ -103,6 +103,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"dense model written to {args.output}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert_base, convert_task_sketch
+
+    if args.base is not None:
+        summary = convert_base(args.checkpoint, args.base, args.output, force=args.force)
+    else:
+        summary = convert_task_sketch(args.checkpoint, args.sketched, args.output, force=args.force)
+    _print_json(summary)
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import CompareConfig, compare
 
@@ -205,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="open a checkpoint published by the SketchTune authors")
+    p.add_argument("checkpoint",
+                   help="their base .pkl (e.g. llama-3-8b-int4-gpr4.pkl) or a fine-tuned "
+                   "sketched_params.pkl; read without running any code from it")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", metavar="MODEL",
+                        help="the dense model the base .pkl was made from: writes a sketched "
+                        "folder")
+    source.add_argument("--sketched", metavar="DIR",
+                        help="the folder converted from the fine-tuned checkpoint's base: "
+                        "writes a task sketch")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compare", help="SketchTune vs dense, LoRA, DoRA, QLoRA-style, one table")
     p.add_argument("model", help=f"dense source model, e.g. {DEFAULT_MODEL!r}")
