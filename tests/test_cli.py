@@ -132,3 +132,32 @@ def test_help_and_argument_errors_do_not_import_the_model_stack():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compress_writes_shards_on_the_chosen_device(tmp_path, tiny_model_dir, capsys):
+    out_dir = tmp_path / "sharded"
+    code, out, err = run(
+        capsys, "compress", tiny_model_dir, "-o", out_dir, "--gpr", 2, "--samples", 2,
+        "--seq-len", 16, "--device", "cpu", "--max-shard-size", "40KB",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["device"] == "cpu"
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out_dir / s).is_file() for s in shards)
+    assert summary["bytes_on_disk"] == sum((out_dir / s).stat().st_size for s in shards)
+    code, _, err = run(capsys, "generate", out_dir, "--prompt", "hi", "--max-new-tokens", 2)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--device", "tpu"), ("--max-shard-size", "5XB"),
+                                             ("--max-shard-size", "0")])
+def test_bad_compress_placement_is_one_error_line(tmp_path, tiny_model_dir, capsys, flag, value):
+    try:  # argparse rejects a bad type itself, by exiting with 2
+        code, _, err = run(capsys, "compress", tiny_model_dir, "-o", tmp_path / "o", flag, value)
+    except SystemExit as exit_:
+        code, err = exit_.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .devices import DEVICE_HELP
 from .errors import SketchtuneError
 from .format import SUPPORTED_BITS, SUPPORTED_GPR, FormatError
 
@@ -23,6 +24,20 @@ def _positive(text: str) -> int:
     return value
 
 
+SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or plain bytes -> bytes."""
+    number = text.strip().upper()
+    digits = number.rstrip("KMGTIB")
+    unit = number[len(digits):]
+    if not digits.isdigit() or unit not in SIZE_UNITS or int(digits) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}")
+    return int(digits) * SIZE_UNITS[unit]
+
+
 def _print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=2))
 
@@ -36,7 +51,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
     summary = compress_to_folder(
         args.model, args.output, config, args.samples, args.seq_len, args.calib, args.seed,
-        force=args.force,
+        force=args.force, device=args.device, max_shard_size=args.max_shard_size,
     )
     _print_json(summary)
 
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans", choices=("exact", "lloyd"), default="exact")
     p.add_argument("--plain", action="store_true", help="plain per-row k-means, no calibration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=f"where blocks are sketched: {DEVICE_HELP}")
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest safetensors file; bigger models are sharded (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_compress)
 
