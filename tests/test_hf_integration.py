@@ -234,3 +234,34 @@ def test_folders_without_a_format_version_load_as_version_1(sketched, tmp_path):
 
     edit_config(old, strip)
     assert torch.equal(logits(load(old)), logits(load(folder)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format_version=7), "format version 7"),
+        (lambda m: m.update(bits="4"), "damaged"),
+        (lambda m: m.pop("base_fingerprint"), "damaged"),
+    ],
+)
+def test_task_sketch_metadata_is_checked(sketched, tmp_path, edit, message):
+    _, folder = sketched
+    save_task_sketch(extract_task_sketch(load(folder)), tmp_path / "t")
+    meta_file = tmp_path / "t" / "task_sketch.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["format_version"] == 2
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SketchtuneError, match=message):
+        load(folder).load_task_sketch(tmp_path / "t")
+
+
+@pytest.mark.parametrize("groups_and_codes", [(1, 16), (4, 16), (2, 8)])
+def test_task_sketch_tables_of_another_shape_are_refused(sketched, tmp_path, groups_and_codes):
+    _, folder = sketched  # a gpr-2, 4-bit base: its tables are (rows, 2, 16)
+    sketch = extract_task_sketch(load(folder))
+    rows = sketch.values[FIRST].shape[0]
+    sketch.values[FIRST] = torch.zeros(rows, *groups_and_codes)
+    save_task_sketch(sketch, tmp_path / "t")
+    with pytest.raises(SketchtuneError, match="shape"):
+        sketchtune.load(folder, task_sketch=tmp_path / "t")

@@ -20,6 +20,7 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
+from .format import FORMAT_VERSION, READABLE_VERSIONS, FormatError
 from .hub import fingerprint_of, format_of, read_safetensors
 from .layers import sketched_layers
 
@@ -126,6 +127,7 @@ def write_task_sketch(sketch: TaskSketch, folder: str | os.PathLike) -> None:
     values = {name: t.contiguous() for name, t in sketch.values.items()}
     save_file(values, folder / VALUES_NAME, metadata={"format": "pt", "producer": "sketchtune"})
     meta = {
+        "format_version": FORMAT_VERSION,
         "base_fingerprint": sketch.base_fingerprint,
         "bits": sketch.bits,
         "groups_per_row": sketch.gpr,
@@ -151,6 +153,14 @@ def load_task_sketch(path: str | os.PathLike) -> TaskSketch:
         fingerprint, bits, gpr = meta["base_fingerprint"], meta["bits"], meta["groups_per_row"]
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
         raise SketchtuneError(f"{meta_file} is damaged: {type(exc).__name__}: {exc}") from None
+    version = meta.get("format_version", 1)  # task sketches before versioning: version 1
+    if version not in READABLE_VERSIONS:
+        raise FormatError(
+            f"task sketch format version {version!r} is not readable by this sketchtune "
+            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}): upgrade sketchtune"
+        )
+    if type(bits) is not int or type(gpr) is not int or not isinstance(fingerprint, str):
+        raise SketchtuneError(f"{meta_file} is damaged: bits, groups_per_row or fingerprint")
     stored = read_safetensors(folder / VALUES_NAME)
     for name, table in stored.items():
         if table.dtype not in (torch.float32, torch.bfloat16):
@@ -161,5 +171,5 @@ def load_task_sketch(path: str | os.PathLike) -> TaskSketch:
     if sorted(values) != sorted(meta.get("layers", values)):
         raise SketchtuneError(f"{folder}: values file and {META_NAME} name different layers")
     info = {k: v for k, v in meta.items()
-            if k not in ("base_fingerprint", "bits", "groups_per_row", "layers")}
+            if k not in ("format_version", "base_fingerprint", "bits", "groups_per_row", "layers")}
     return TaskSketch(values, fingerprint, bits, gpr, info)
