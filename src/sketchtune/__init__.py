@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_any": "api",
     "load_task_sketch": "task_sketch",
     "save_sketched": "hub",
+    "save_task_sketch": "task_sketch",
 }
 
 __all__ = sorted(_EXPORTS)
