@@ -53,14 +53,15 @@ class SketchConfig:
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The stack of decoder blocks: the ModuleList of identical modules with the most weights."""
+    """The stack of decoder blocks (dense or sketched): the ModuleList of identical modules with
+    the most weights."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if not any(isinstance(m, nn.Linear | SketchLinear) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
