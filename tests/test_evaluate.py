@@ -10,10 +10,12 @@ from sketchtune.cli import main
 from sketchtune.data import templates
 from sketchtune.data.tasks import Example, find_data_root, format_prompt
 from sketchtune.errors import SketchtuneError
+from sketchtune.evaluate import loglik
 from sketchtune.evaluate.choices import rule_for
 from sketchtune.evaluate.generation import generate_replies
 from sketchtune.evaluate.loglik import (
     choice_accuracy,
+    choice_picks,
     encode_pairs,
     response_nll,
     score_continuations,
@@ -172,13 +174,30 @@ def test_choice_accuracy_picks_the_likeliest_and_normalises_by_length():
     pairs = encode_pairs(tokenizer, list(zip(item.contexts, item.continuations, strict=True)))
     sums = [_manual_logprob(model, c, r) for c, r in pairs]
     best = max(range(3), key=sums.__getitem__)
-    best_norm = max(range(3), key=lambda i: sums[i] / len(item.continuations[i]))
+    best_norm = max(range(3), key=lambda i: sums[i] / (len(item.continuations[i]) - 1))
     items = [Choices(item.contexts, item.continuations, g) for g in range(3)]
     counts = choice_accuracy(model, tokenizer, items, batch_size=4, progress=False)
     assert counts == {"n": 3, "correct": 1, "correct_norm": 1}
     right = [choice_accuracy(model, tokenizer, [items[best]], progress=False)["correct"],
              choice_accuracy(model, tokenizer, [items[best_norm]], progress=False)["correct_norm"]]
     assert right == [1, 1]
+
+
+def test_acc_norm_divides_by_the_option_characters_as_lm_eval_does(monkeypatch):
+    """lm-eval's acc_norm: loglik / len(choice), the choice without its leading " " and counted
+    in characters (its acc_bytes counts UTF-8 bytes)."""
+    drink = Choices(("Question: drink?\nAnswer:",) * 3, (" café", " tea", " cocoa"), gold=0)
+    # per character -4.2/4, -3.3/3, -5.4/5 = -1.05, -1.1, -1.08: café; counting the leading
+    # space, -4.2/5, -3.3/4, -5.4/6 = -0.84, -0.825, -0.9 would pick tea
+    assert choice_picks(drink, [-4.2, -3.3, -5.4]) == (1, 0)
+    accent = Choices(("Q:",) * 2, (" é", " ab"), gold=1)
+    # per character -2.0/1, -3.2/2 = -2.0, -1.6: ab; per byte (é is 2) or with the space,
+    # -2.0/2, -3.2/2 or -2.0/2, -3.2/3 would pick é
+    assert choice_picks(accent, [-2.0, -3.2]) == (0, 1)
+    scores = [(-4.2, 2), (-3.3, 1), (-5.4, 2), (-2.0, 1), (-3.2, 1)]
+    monkeypatch.setattr(loglik, "score_continuations", lambda *a, **k: scores)
+    counts = choice_accuracy(tiny_model(), char_tokenizer(), [drink, accent], progress=False)
+    assert counts == {"n": 2, "correct": 0, "correct_norm": 2}
 
 
 def test_response_nll_is_the_token_weighted_training_loss():
@@ -290,3 +309,21 @@ def test_cli_unknown_task_is_one_line(tiny_model_dir, capsys):
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("error: unknown task 'nope'")
+
+
+# Agreement with lm-evaluation-harness (benchmarks/lmeval_agreement.py at full size)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_loglik_chooses_what_lm_eval_chooses_on_arc_easy():
+    pytest.importorskip("lm_eval")
+    from benchmarks.lmeval_agreement import arc_items, compare
+    from sketchtune.sources import load_dense
+
+    model, tokenizer = load_dense("smollm2-135m")
+    summary, rows = compare(model, tokenizer, arc_items(30), batch_size=16)
+    assert len(rows) == 30 and summary["prompt_mismatches"] == 0
+    assert summary["agree_acc"] >= 0.99 and summary["agree_acc_norm"] >= 0.99
+    assert summary["ours_acc"] == pytest.approx(summary["lmeval_acc"], abs=0.005)
+    assert summary["ours_acc_norm"] == pytest.approx(summary["lmeval_acc_norm"], abs=0.005)

@@ -200,6 +200,42 @@ def encode_pairs(
     return encoded
 
 
+TARGET_DELIMITER = " "  # lm-eval's default: what each option's continuation starts with
+
+
+def option_logliks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Choices],
+    batch_size: int = 16,
+    progress: bool = True,
+    share_contexts: bool = True,
+) -> list[list[float]]:
+    """log p(option | context) of every option of every item, item by item.
+    `share_contexts` runs an item's context once for all its options (same scores, less work)."""
+    texts = [pair for item in items for pair in zip(item.contexts, item.continuations, strict=True)]
+    scores = score_continuations(
+        model, encode_pairs(tokenizer, texts), _pad_id(tokenizer), batch_size, progress,
+        share_contexts=share_contexts,
+    )
+    sums, at = [], 0
+    for item in items:
+        sums.append([s for s, _ in scores[at : at + len(item.continuations)]])
+        at += len(item.continuations)
+    return sums
+
+
+def choice_picks(item: Choices, logliks: Sequence[float]) -> tuple[int, int]:
+    """The option of highest log-likelihood, and of highest log-likelihood per character of the
+    option text without the leading delimiter: lm-eval's acc_norm divides by len(choice), the
+    choice as its doc_to_choice gives it, in characters (its bytes-based rule is acc_bytes)."""
+    normed = [
+        s / max(len(r.removeprefix(TARGET_DELIMITER)), 1)
+        for s, r in zip(logliks, item.continuations, strict=True)
+    ]
+    return _argmax(list(logliks)), _argmax(normed)
+
+
 def choice_accuracy(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -208,22 +244,14 @@ def choice_accuracy(
     progress: bool = True,
     share_contexts: bool = True,
 ) -> dict:
-    """Accuracy of picking the option of highest log-likelihood ("correct") and of highest
-    log-likelihood per character of the option text ("correct_norm", lm-eval's acc_norm).
-    `share_contexts` runs an item's context once for all its options (same scores, less work)."""
-    texts = [pair for item in items for pair in zip(item.contexts, item.continuations, strict=True)]
-    scores = score_continuations(
-        model, encode_pairs(tokenizer, texts), _pad_id(tokenizer), batch_size, progress,
-        share_contexts=share_contexts,
-    )
+    """How often the `choice_picks` of each item are its gold option: "correct" (lm-eval's acc)
+    and "correct_norm" (lm-eval's acc_norm)."""
+    logliks = option_logliks(model, tokenizer, items, batch_size, progress, share_contexts)
     correct = correct_norm = 0
-    at = 0
-    for item in items:
-        sums = [s for s, _ in scores[at : at + len(item.continuations)]]
-        at += len(item.continuations)
-        normed = [s / max(len(r), 1) for s, r in zip(sums, item.continuations, strict=True)]
-        correct += _argmax(sums) == item.gold
-        correct_norm += _argmax(normed) == item.gold
+    for item, sums in zip(items, logliks, strict=True):
+        pick, pick_norm = choice_picks(item, sums)
+        correct += pick == item.gold
+        correct_norm += pick_norm == item.gold
     return {"n": len(items), "correct": correct, "correct_norm": correct_norm}
 
 
