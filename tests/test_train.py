@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+import sketchtune.train as train
 from sketchtune.errors import SketchtuneError
 from sketchtune.hub import load
 from sketchtune.task_sketch import load_task_sketch
-from sketchtune.train import FinetuneConfig, finetune
+from sketchtune.train import FinetuneConfig, finetune, resolve_defaults
 
 FAST = dict(batch_size=4, seq_len=256, save_steps=2, logging_steps=1, warmup=0, seed=3)
 
@@ -58,7 +59,7 @@ def test_existing_unfinished_run_needs_resume_or_force(sketched_tiny_dir, tiny_t
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    from sketchtune.train import FinetuneConfig, finetune
+    from sketchtune.train import FinetuneConfig, finetune, resolve_defaults
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -134,3 +135,14 @@ def test_gradient_checkpointing_gives_the_same_values(sketched_tiny_dir, tiny_ta
         assert any("tokens_per_second" in r for r in records)
     for name, tensor in runs[False].items():
         torch.testing.assert_close(runs[True][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_and_bf16_defaults(sketched_tiny_dir, monkeypatch):
+    model = load(sketched_tiny_dir)
+    resolved = resolve_defaults(FinetuneConfig(), model)
+    assert resolved.gradient_checkpointing is False  # far below the threshold
+    assert resolved.bf16 is train.native_bf16()
+    monkeypatch.setattr(train, "CHECKPOINTING_ABOVE", 1000)
+    assert resolve_defaults(FinetuneConfig(), model).gradient_checkpointing is True
+    explicit = resolve_defaults(FinetuneConfig(gradient_checkpointing=False, bf16=False), model)
+    assert (explicit.gradient_checkpointing, explicit.bf16) == (False, False)

@@ -143,9 +143,7 @@ def _evaluate_all(model, tokenizer, cfg: CompareConfig) -> dict:
 
 def run_method(method: str, cfg: CompareConfig) -> dict:
     """Build, train (unless dense) and evaluate one method in this process."""
-    from transformers import Trainer
-
-    from .train import FinetuneConfig, SketchTrainer, prepare_data, train_model
+    from .train import FinetuneConfig, LeanLossTrainer, SketchTrainer, prepare_data, train_model
 
     torch.manual_seed(cfg.seed)
     model, tokenizer, lr = _build(method, cfg)
@@ -162,7 +160,7 @@ def run_method(method: str, cfg: CompareConfig) -> dict:
         with tempfile.TemporaryDirectory() as run_dir:
             trainer, result, seconds = train_model(
                 model, tokenizer, dataset, train_cfg, Path(run_dir),
-                trainer_cls=SketchTrainer if method == "sketch" else Trainer,
+                trainer_cls=SketchTrainer if method == "sketch" else LeanLossTrainer,
             )
             metrics = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text()
                        .splitlines()]

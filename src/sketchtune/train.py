@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from .atomic import atomic_directory, check_output_dir
 from .data.tasks import collate, load_examples, test_overlap, tokenize_examples
 from .errors import SketchtuneError
 from .hub import load as load_sketched
+from .loss import causal_lm_loss
 from .plots import plot_loss
 from .task_sketch import (
     VALUES_NAME,
@@ -35,6 +36,8 @@ from .task_sketch import (
 )
 
 COMPLETE_MARKER = "checkpoint-complete"
+CHECKPOINTING_ABOVE = 1_000_000_000  # weights; SmolLM2-135M: 5.9 GB per 8 x 256 step without
+
 
 
 @dataclass
@@ -53,7 +56,14 @@ class FinetuneConfig:
     logging_steps: int = 5
     max_grad_norm: float = 1.0  # 0 disables clipping
     weight_decay: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "keep only each block's input and recompute the rest in the backward (less memory, one "
+        f"more forward); default: on for models above {CHECKPOINTING_ABOVE:.0e} weights"
+    )})
+    bf16: bool | None = field(default=None, metadata={"help": (
+        "bf16 autocast of the dense matmuls, values kept in fp32; default: on CUDA and on CPUs "
+        "with native bf16 (avx512_bf16 or amx_bf16)"
+    )})
     limit: int | None = None  # use at most this many training examples
 
     def __post_init__(self) -> None:
@@ -65,7 +75,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class SketchTrainer(Trainer):
+class LeanLossTrainer(Trainer):
+    """Trainer whose loss never holds the full logits (`loss.causal_lm_loss`, exact).
+
+    Every method of `sketchtune compare` trains through it, so all pay the same for the loss.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # compute_loss takes num_items_in_batch whatever the model's forward takes: always count
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:  # evaluation wants the logits
+            return super().compute_loss(model, inputs, True, num_items_in_batch)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: the count is global, DDP averages the ranks' gradients
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+
+class SketchTrainer(LeanLossTrainer):
     """Trainer whose checkpoints hold only the task sketch, and which stops on a NaN/inf loss."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -152,7 +183,34 @@ def prepare_data(data: str, tokenizer, config: FinetuneConfig, data_root: str | 
     return dataset, {**report, **token_report, "test_overlap": overlap, "used": len(dataset)}
 
 
+def model_weights(model: torch.nn.Module) -> int:
+    """Weights of `model` as its dense form counts them (a sketched layer: d_in x d_out)."""
+    sketched = sum(m.in_features * m.out_features for m in sketched_layers(model).values())
+    return sketched + sum(p.numel() for p in model.parameters())
+
+
+def native_bf16() -> bool:
+    """CUDA with bf16, or a CPU with bf16 instructions (elsewhere bf16 autocast is slower)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_defaults(config: FinetuneConfig, model: torch.nn.Module) -> FinetuneConfig:
+    """`config` with the settings left to None (checkpointing, bf16) decided for `model` here."""
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = model_weights(model) > CHECKPOINTING_ABOVE
+    bf16 = native_bf16() if config.bf16 is None else config.bf16
+    return replace(config, gradient_checkpointing=checkpointing, bf16=bf16)
+
+
 def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progress: bool):
+    """HF TrainingArguments for a `config` whose defaults were resolved (resolve_defaults)."""
     warmup = config.warmup if config.warmup is not None else min(100, steps // 10)
     use_cuda = torch.cuda.is_available()
     return TrainingArguments(
@@ -177,7 +235,7 @@ def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progre
         activation_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not use_cuda,
-        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        bf16=config.bf16,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not progress,
         remove_unused_columns=False,
@@ -199,8 +257,9 @@ def train_model(
     """Run the Trainer on `model`'s trainable parameters. Returns (trainer, result, seconds).
 
     Shared by sketch fine-tuning and the LoRA baselines, so every method gets the same loop,
-    schedule, batches and seed.
+    schedule, batches, seed and loss (pass a LeanLossTrainer subclass as `trainer_cls`).
     """
+    config = resolve_defaults(config, model)
     per_step = config.batch_size * config.grad_accum * max(1, int(os.environ.get("WORLD_SIZE", 1)))
     steps = config.max_steps if config.max_steps > 0 else math.ceil(
         config.epochs * len(dataset) / per_step
@@ -274,7 +333,8 @@ def finetune(
         "train_loss": result.training_loss,
         "train_seconds": seconds,
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-        "settings": asdict(config),
+        "settings": {**asdict(config), "bf16": trainer.args.bf16,
+                     "gradient_checkpointing": trainer.args.activation_checkpointing},
         "data_report": data_report,
     }
     if trainer.args.should_save:
