@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import sketchtune.train as train
+from sketchtune.cli import main
 from sketchtune.errors import SketchtuneError
 from sketchtune.hub import load
 from sketchtune.task_sketch import load_task_sketch
-from sketchtune.train import FinetuneConfig, finetune, resolve_defaults
+from sketchtune.train import COMPLETE_MARKER, FinetuneConfig, finetune, resolve_defaults
 
 FAST = dict(batch_size=4, seq_len=256, save_steps=2, logging_steps=1, warmup=0, seed=3)
 
@@ -46,20 +47,30 @@ def test_only_values_train_and_outputs_are_written(sketched_tiny_dir, tiny_task_
     assert losses[-1] < losses[0]
 
 
-def test_existing_unfinished_run_needs_resume_or_force(sketched_tiny_dir, tiny_task_file, tmp_path):
-    (tmp_path / "task.run").mkdir()
-    with pytest.raises(SketchtuneError, match="--resume"):
+def test_unfinished_run_needs_resume_or_force(sketched_tiny_dir, tiny_task_file, tmp_path):
+    done = tmp_path / "task.run" / "checkpoints" / "checkpoint-2"
+    done.mkdir(parents=True)
+    (done / COMPLETE_MARKER).touch()
+    with pytest.raises(SketchtuneError, match="holds an unfinished run: pass --resume"):
         finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
                  FinetuneConfig(max_steps=2, **FAST), progress=False)
-    with pytest.raises(SketchtuneError, match="nothing to resume"):
+
+
+def test_run_folder_without_a_good_checkpoint_is_replaced(sketched_tiny_dir, tiny_task_file,
+                                                          tmp_path):
+    (tmp_path / "task.run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # no marker
+    with pytest.raises(SketchtuneError, match="nothing to resume.*without --resume"):
         finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
                  FinetuneConfig(max_steps=2, **FAST), resume=True, progress=False)
+    finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
+             FinetuneConfig(max_steps=2, **FAST), progress=False)
+    assert (tmp_path / "task" / "values.safetensors").is_file()
 
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    from sketchtune.train import FinetuneConfig, finetune, resolve_defaults
+    from sketchtune.train import FinetuneConfig, finetune
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -135,6 +146,70 @@ def test_gradient_checkpointing_gives_the_same_values(sketched_tiny_dir, tiny_ta
         assert any("tokens_per_second" in r for r in records)
     for name, tensor in runs[False].items():
         torch.testing.assert_close(runs[True][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_with_non_finite_values_is_never_written(sketched_tiny_dir, tiny_task_file,
+                                                              tmp_path):
+    with pytest.raises(SketchtuneError, match="loss became nan at step 3.*no good checkpoint"):
+        finetune(sketched_tiny_dir, str(tiny_task_file), tmp_path / "task",
+                 FinetuneConfig(max_steps=8, lr=1e-3, **FAST), progress=False,
+                 callbacks=[BreakValuesAt(2)])  # broken before checkpoint-2 is saved
+    assert not (tmp_path / "task.run").exists()  # nothing good to resume: nothing kept
+
+
+def finetune_cli(capsys, *argv):
+    code = main(["finetune", *map(str, argv)])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("error: ")] or [err]
+
+
+def test_a_diverging_run_keeps_no_checkpoint_and_can_be_rerun(sketched_tiny_dir, tiny_task_file,
+                                                               tmp_path, capsys):
+    """--lr 1e37: step 1's loss is finite but its update makes the values ~1e37; checkpoint-1 is
+    written, then removed when step 2's loss is not finite (it was never good to resume)."""
+    argv = [sketched_tiny_dir, "--data", tiny_task_file, "-o", tmp_path / "task", "--lr", 1e37,
+            "--save-steps", 1, "--max-steps", 4, "--batch-size", 4, "--seq-len", 256]
+    for _ in range(2):  # the same command again meets the same error, not a stale run folder
+        code, err = finetune_cli(capsys, *argv)
+        assert code == 2 and "loss became" in err[0] and "no good checkpoint" in err[0], err
+        assert not (tmp_path / "task.run").exists() and not (tmp_path / "task").exists()
+
+
+def test_a_failure_before_training_leaves_nothing_behind(sketched_tiny_dir, tmp_path):
+    too_long = tmp_path / "long.jsonl"  # every example over --seq-len: none usable
+    too_long.write_text(json.dumps({"instruction": "x" * 400, "output": "y"}) + "\n")
+    for _ in range(2):
+        with pytest.raises(SketchtuneError, match="no usable training example"):
+            finetune(sketched_tiny_dir, str(too_long), tmp_path / "task",
+                     FinetuneConfig(max_steps=2, **FAST), progress=False)
+        assert not (tmp_path / "task.run").exists()
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("lr", float("nan"), "--lr must be a positive number, not nan"),
+    ("lr", float("inf"), "--lr must be a positive number"),
+    ("lr", 0.0, "--lr must be a positive number"),
+    ("lr", -1e-4, "--lr must be a positive number"),
+    ("epochs", 0.0, "--epochs must be a positive number, not 0"),
+    ("epochs", -1.0, "--epochs must be a positive number"),
+    ("epochs", float("nan"), "--epochs must be a positive number"),
+    ("warmup", -1, "--warmup must be 0 or more steps, not -1"),
+    ("max_steps", 0, r"--max-steps must be positive \(or -1: run --epochs\), not 0"),
+    ("max_steps", -2, "--max-steps must be positive"),
+    ("save_steps", 0, "--save-steps must be positive"),
+])
+def test_config_rejects_bad_values(setting, value, message):
+    with pytest.raises(SketchtuneError, match=message):
+        FinetuneConfig(**{setting: value})
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--epochs", "0"),
+                                           ("--max-steps", "0"), ("--warmup", "-3")])
+def test_cli_rejects_bad_values_before_loading_anything(option, value, tmp_path, capsys):
+    code, err = finetune_cli(capsys, tmp_path / "no-model", "--data", "x.jsonl", "-o",
+                             tmp_path / "out", option, value)
+    assert code == 2 and err[0].startswith(f"error: {option} must be"), err
+    assert not (tmp_path / "out.run").exists()
 
 
 def test_checkpointing_and_bf16_defaults(sketched_tiny_dir, monkeypatch):

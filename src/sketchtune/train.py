@@ -39,7 +39,6 @@ COMPLETE_MARKER = "checkpoint-complete"
 CHECKPOINTING_ABOVE = 1_000_000_000  # weights; SmolLM2-135M: 5.9 GB per 8 x 256 step without
 
 
-
 @dataclass
 class FinetuneConfig:
     """Training settings; defaults suit short runs on small models (sweep `lr` for yours)."""
@@ -67,8 +66,27 @@ class FinetuneConfig:
     limit: int | None = None  # use at most this many training examples
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.batch_size <= 0 or self.grad_accum <= 0 or self.seq_len <= 1:
-            raise SketchtuneError("lr, batch size, grad accumulation and seq-len must be positive")
+        for bad, message in self._problems():
+            if bad:
+                raise SketchtuneError(message)
+
+    def _problems(self) -> list[tuple[bool, str]]:
+        def positive(x: float) -> bool:
+            return math.isfinite(x) and x > 0
+
+        return [
+            (not positive(self.lr), f"--lr must be a positive number, not {self.lr}"),
+            (not positive(self.epochs), f"--epochs must be a positive number, not {self.epochs}"),
+            (self.max_steps == 0 or self.max_steps < -1,
+             f"--max-steps must be positive (or -1: run --epochs), not {self.max_steps}"),
+            (self.warmup is not None and self.warmup < 0,
+             f"--warmup must be 0 or more steps, not {self.warmup}"),
+            (self.batch_size <= 0, f"--batch-size must be positive, not {self.batch_size}"),
+            (self.grad_accum <= 0, f"--grad-accum must be positive, not {self.grad_accum}"),
+            (self.seq_len <= 1, f"--seq-len must be at least 2, not {self.seq_len}"),
+            (self.save_steps <= 0, f"--save-steps must be positive, not {self.save_steps}"),
+            (self.logging_steps <= 0, f"logging_steps must be positive, not {self.logging_steps}"),
+        ]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -97,12 +115,24 @@ class LeanLossTrainer(Trainer):
 
 
 class SketchTrainer(LeanLossTrainer):
-    """Trainer whose checkpoints hold only the task sketch, and which stops on a NaN/inf loss."""
+    """Trainer whose checkpoints hold only the task sketch, and which stops on a NaN/inf loss.
+
+    A checkpoint is marked complete (good to resume from) only once the next step's loss,
+    computed from its values, is finite; one with non-finite values is never written, and an
+    unconfirmed one is removed when the loss goes non-finite.
+    """
+
+    _unconfirmed: Path | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
+            if self._unconfirmed is not None:
+                shutil.rmtree(self._unconfirmed, ignore_errors=True)
             raise NonFiniteLoss(f"loss became {loss.item()} at step {self.state.global_step + 1}")
+        if self._unconfirmed is not None:
+            (self._unconfirmed / COMPLETE_MARKER).touch()
+            self._unconfirmed = None
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -112,15 +142,22 @@ class SketchTrainer(LeanLossTrainer):
                               output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
+        if not values_finite(self.accelerator.unwrap_model(self.model)):
+            return  # the next step's loss is non-finite too and stops the run
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / COMPLETE_MARKER).touch()
+            self._unconfirmed = folder
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.model
         apply_task_sketch(self.accelerator.unwrap_model(model),
                           load_task_sketch(resume_from_checkpoint))
+
+
+def values_finite(model: torch.nn.Module) -> bool:
+    """Whether every sketch table of `model` is free of NaN and inf."""
+    return all(bool(layer.values.isfinite().all()) for layer in sketched_layers(model).values())
 
 
 class MetricsLog(TrainerCallback):
@@ -276,9 +313,35 @@ def train_model(
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLoss as exc:
         last = last_complete_checkpoint(run_dir / "checkpoints")
-        kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was reached"
+        kept = f"last good checkpoint kept: {last}" if last else "no good checkpoint was reached"
         raise SketchtuneError(f"{exc}; training stopped ({kept}); try a lower --lr") from None
     return trainer, result, time.perf_counter() - start
+
+
+def start_run(output: Path, run_dir: Path, resume: bool, force: bool, main: bool) -> Path | None:
+    """Check `output` and claim `run_dir`; returns the checkpoint to resume from, if any.
+
+    A run folder without a complete checkpoint (a run that failed or was killed before its
+    first good checkpoint) holds nothing to resume, so it is replaced without asking.
+    """
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    if resume:
+        if checkpoint is None:
+            raise SketchtuneError(
+                f"nothing to resume: no complete checkpoint under {run_dir} (run without --resume)"
+            )
+        return checkpoint
+    if not main:  # other ranks never touch the run folder (no race with rank 0's checks)
+        return None
+    check_output_dir(output, force)
+    if checkpoint is not None and not force:
+        raise SketchtuneError(
+            f"{run_dir} holds an unfinished run: pass --resume to continue it "
+            "or --force to start over"
+        )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return None
 
 
 def finetune(
@@ -292,28 +355,27 @@ def finetune(
     data_root: str | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
-    """Fine-tune the values of the sketched model at `base` on `data`; write a task sketch."""
+    """Fine-tune the values of the sketched model at `base` on `data`; write a task sketch.
+
+    A failure before the first good checkpoint leaves no run folder behind: rerunning the same
+    command starts afresh. After one, `resume=True` continues from the last good checkpoint.
+    """
     config = config or FinetuneConfig()
     output = Path(output)
     run_dir = output.with_name(output.name + ".run")
-    checkpoint = None
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the files
-    if resume:
-        checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
-        if checkpoint is None:
-            raise SketchtuneError(f"nothing to resume: no complete checkpoint under {run_dir}")
-    elif main_process:
-        check_output_dir(output, force)
-        if run_dir.exists():
-            if not force:
-                raise SketchtuneError(
-                    f"{run_dir} holds an unfinished run: pass --resume to continue it "
-                    "or --force to start over"
-                )
-            shutil.rmtree(run_dir)
-    if main_process:  # other ranks never touch the run folder (no race with the checks above)
-        run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = start_run(output, run_dir, resume, force, main_process)
+    try:
+        return _finetune_run(base, data, output, run_dir, config, checkpoint, progress,
+                             data_root, callbacks)
+    except BaseException:
+        if main_process and last_complete_checkpoint(run_dir / "checkpoints") is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
+
+def _finetune_run(base, data, output: Path, run_dir: Path, config: FinetuneConfig,
+                  checkpoint: Path | None, progress: bool, data_root, callbacks) -> dict:
     model = load_sketched(base)
     from transformers import AutoTokenizer
 
@@ -324,7 +386,10 @@ def finetune(
         model, tokenizer, dataset, config, run_dir, callbacks=callbacks, checkpoint=checkpoint,
         progress=progress,
     )
-
+    if not values_finite(model):
+        raise SketchtuneError(
+            f"the values became non-finite at step {trainer.state.global_step}; try a lower --lr"
+        )
     summary = {
         "base": str(base),
         "data": data,
