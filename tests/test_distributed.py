@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
 
     base, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     config = FinetuneConfig(max_steps=4, lr=1e-2, batch_size=batch, seq_len=256, warmup=0,
-                            logging_steps=1, save_steps=100, seed=5)
+                            logging_steps=1, save_steps=100, seed=5, bf16=False)
     finetune(base, data, out, config, progress=False, callbacks=[DumpValues()])
 """)
 

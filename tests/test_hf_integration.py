@@ -265,3 +265,38 @@ def test_task_sketch_tables_of_another_shape_are_refused(sketched, tmp_path, gro
     save_task_sketch(sketch, tmp_path / "t")
     with pytest.raises(SketchtuneError, match="shape"):
         sketchtune.load(folder, task_sketch=tmp_path / "t")
+
+
+def test_the_python_api_loads_the_fast_inference_path_by_default(sketched):
+    _, folder = sketched
+    model = sketchtune.load(folder)
+    layer = next(iter(sketched_layers(model).values()))
+    assert layer.values.dtype == torch.bfloat16  # tables as stored
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            model.generate(PROMPT[:1], max_new_tokens=3, do_sample=False, pad_token_id=1)
+    ran = {event.key for event in prof.key_averages()}
+    assert {"sketchtune::lut_linear", "sketchtune::bf16_linear"} <= ran  # the C++ GEMVs
+    assert logits(model).dtype == torch.float32
+
+
+def test_a_trainer_step_on_the_default_load_trains_fp32_values(sketched, tmp_path):
+    _, folder = sketched
+    model = sketchtune.load(folder)
+    reference = sketchtune.load(folder, values_dtype=torch.float32, serve=False)
+    batch = torch.tensor(tiny_dataset(char_tokenizer(), 1)[0]["input_ids"])[None]
+    for m in (model, reference):  # the same loss and table gradients as the plain fp32 model
+        m.train()
+        m(input_ids=batch, labels=batch).loss.backward()
+    for (name, a), b in zip(sketched_layers(model).items(), sketched_layers(reference).values(),
+                            strict=True):
+        assert a.values.dtype == torch.float32
+        torch.testing.assert_close(a.values.grad, b.values.grad, rtol=1e-4, atol=1e-6), name
+    args = TrainingArguments(
+        tmp_path / "run", max_steps=1, per_device_train_batch_size=1, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True,
+    )
+    model.zero_grad()
+    Trainer(model=model, args=args, train_dataset=tiny_dataset(char_tokenizer())).train()
+    assert all(layer.values.dtype == torch.float32 for layer in sketched_layers(model).values())

@@ -18,6 +18,7 @@ from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .memory import peak_rss_bytes
+from .serving import bf16_embeddings
 from .sources import load_dense, open_source_streaming
 from .task_sketch import apply_task_sketch, load_task_sketch
 
@@ -26,13 +27,21 @@ def load(
     path: str | os.PathLike,
     task_sketch: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
-    values_dtype: torch.dtype | None = torch.float32,
+    values_dtype: torch.dtype | None = None,
+    serve: bool = True,
 ) -> PreTrainedModel:
     """A sketched model folder, with a task sketch's values applied when one is given.
-    `values_dtype`: see `hub.load` (None: as stored, for inference)."""
+
+    The defaults are the fast inference path: tables as stored (`values_dtype=None`, bf16: the
+    CPU GEMV reads them directly) and, with `serve` on a CPU model, the embeddings and head kept
+    in bf16 as stored with fp32 activations around them (`serving.bf16_embeddings`). Training
+    needs nothing else: `model.train()` turns the tables into fp32 masters, and the head's
+    backward is the fp32 one."""
     model = hub.load(path, dtype=dtype, values_dtype=values_dtype)
     if task_sketch is not None:
         apply_task_sketch(model, load_task_sketch(task_sketch))
+    if serve and model.device.type == "cpu":
+        bf16_embeddings(model)
     return model
 
 
@@ -40,11 +49,13 @@ def load_any(
     name_or_path: str,
     task_sketch: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
-    values_dtype: torch.dtype | None = torch.float32,
+    values_dtype: torch.dtype | None = None,
+    serve: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A sketched model folder (plus optional task sketch), or any dense source model."""
+    """A sketched model folder (plus optional task sketch; see `load`), or any dense source
+    model."""
     if Path(name_or_path).is_dir() and hub.sketch_config_of(name_or_path) is not None:
-        model = load(name_or_path, task_sketch, dtype=dtype, values_dtype=values_dtype)
+        model = load(name_or_path, task_sketch, dtype, values_dtype, serve)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as exc:

@@ -59,12 +59,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_any
     from .generate import generate_text
-    from .layers import sketched_layers
-    from .serving import bf16_embeddings
 
-    model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
-    if sketched_layers(model):  # its embeddings are stored in bf16: keep them so, for speed
-        bf16_embeddings(model)
+    model, tokenizer = load_any(args.model, args.task_sketch)  # the fast inference path
     print(
         generate_text(
             model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
@@ -79,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate.run import check_task, evaluate
 
     tasks = [check_task(t.strip(), args.protocol, args.data_root) for t in args.task.split(",")]
-    model, tokenizer = load_any(args.model, args.task_sketch, values_dtype=None)
+    model, tokenizer = load_any(args.model, args.task_sketch)
     summary = {"model": args.model, "task_sketch": args.task_sketch, "results": []}
     for task in tasks:
         result = evaluate(
@@ -100,7 +96,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=args.warmup, seed=args.seed,
         save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
-        limit=args.limit,
+        bf16=args.bf16, limit=args.limit,
     )
     summary = finetune(
         args.model, args.data, args.output, config, resume=args.resume, force=args.force,
@@ -113,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .api import load_any
     from .export import export_dense
 
-    model, tokenizer = load_any(args.model, args.task_sketch)
+    model, tokenizer = load_any(args.model, args.task_sketch, serve=False)
     export_dense(model, tokenizer, args.output, force=args.force)
     print(f"dense model written to {args.output}")
 
@@ -221,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--save-steps", type=_positive, default=50, help="checkpoint interval")
     p.add_argument("--limit", type=_positive, help="use at most this many training examples")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in backward (default: on above 1e9 weights)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast of the dense matmuls, fp32 values (default: on CUDA and "
+                        "on CPUs with native bf16)")
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="replace an existing output")

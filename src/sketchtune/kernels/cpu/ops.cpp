@@ -210,8 +210,8 @@ Tensor bf16_linear_cpu(const Tensor& x, const Tensor& weight) {
   sizes.back() = d_out;
   const Tensor x2 = as_fp32_rows(x, d_in);
   const int64_t n = x2.size(0);
-  if (n > kGemvMaxRows)
-    return at::linear(x2.to(at::kBFloat16), weight).to(x.scalar_type()).view(sizes);
+  if (n > kGemvMaxRows)  // prefill: fp32 GEMM on the widened weight (exact), as the GEMV computes
+    return at::linear(x2, weight.to(at::kFloat)).to(x.scalar_type()).view(sizes);
   Tensor y = at::empty({n, d_out}, x2.options());
   if (n == 0) return y.to(x.scalar_type()).view(sizes);
   const Tensor w = weight.contiguous();
