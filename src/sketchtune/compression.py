@@ -18,9 +18,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cliargs import option
 from .devices import free_bytes, to_device, tree_map
 from .errors import SketchtuneError
-from .format import SketchedWeight, SketchFormatConfig, check_settings, check_shape
+from .format import (
+    SUPPORTED_BITS,
+    SUPPORTED_GPR,
+    SketchedWeight,
+    SketchFormatConfig,
+    check_settings,
+    check_shape,
+)
 from .layers import SketchLinear
 from .learn import learn_sketch
 
@@ -32,14 +40,14 @@ logger = logging.getLogger(__name__)
 class SketchConfig:
     """How to learn sketches. `data_aware=False` gives plain per-row k-means (no calibration)."""
 
-    bits: int = 4
-    gpr: int = 4
-    damp: float = 0.01
+    bits: int = option(4, "bits per code: 2**bits values per row group", choices=SUPPORTED_BITS)
+    gpr: int = option(4, "groups per row", choices=SUPPORTED_GPR)
+    damp: float = option(0.01, "Hessian damping (fraction of its mean diagonal)")
     importance_power: float = 4.0
     act_order: bool = True
     block_size: int = 128
-    kmeans: Literal["exact", "lloyd"] = "exact"
-    data_aware: bool = True
+    kmeans: Literal["exact", "lloyd"] = option("exact", "1-D k-means: exact (DP) or Lloyd")
+    data_aware: bool = option(True, "plain per-row k-means, no calibration", flag="plain")
 
     def __post_init__(self) -> None:
         check_settings(self.bits, self.gpr)
