@@ -1,8 +1,11 @@
-"""Confidence intervals for accuracies."""
+"""Confidence intervals for accuracies, and the paired test that compares two methods."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -18,3 +21,55 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# Paired comparisons of two methods over the same test items.
+ALPHA = 0.05  # the significance level behind the tables' better / worse / within noise
+EXACT_UP_TO = 16  # nonzero differences: all 2**n sign patterns are enumerated
+FLIPS = 20_000  # random sign patterns above that (the p-value's Monte Carlo error: < 0.004)
+_LATTICE_LIMIT = 10**6  # integer differences summing to at most this: exact by convolution
+
+
+def sign_flip_p(differences: Sequence[float], flips: int = FLIPS, seed: int = 0) -> float:
+    """Two-sided p-value of the paired sign-flip (randomisation) test of "no difference".
+
+    Under the null each item's difference (method A minus method B) is as likely negated, so the
+    statistic |Σ d| is compared with its distribution over the 2**n sign patterns. Exact for
+    integer differences (per-item counts of correct answers: for 0/1 outcomes this is the exact
+    McNemar test) and for few items; otherwise `flips` random patterns, counted with the
+    observed one so the p-value is never 0. Zero differences carry no sign and drop out.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[d != 0]
+    if d.size == 0:
+        return 1.0
+    if np.all(d == np.round(d)) and np.abs(d).sum() <= _LATTICE_LIMIT:
+        return _exact_integer(np.abs(d).astype(np.int64), int(abs(d.sum())))
+    observed = abs(d.sum()) * (1 - 1e-12)  # float slack: a pattern equal to it counts
+    if d.size <= EXACT_UP_TO:
+        signs = 1 - 2 * ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1)
+        return float(np.mean(np.abs(signs @ d) >= observed))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, flips, 1000):  # chunks keep the sign matrix small
+        signs = rng.choice((-1.0, 1.0), size=(min(1000, flips - start), d.size))
+        hits += int(np.sum(np.abs(signs @ d) >= observed))
+    return (hits + 1) / (flips + 1)
+
+
+def _exact_integer(magnitudes: np.ndarray, observed: int) -> float:
+    """P(|Σ ±m_i| >= observed) with independent fair signs, by convolving the sums' counts."""
+    total = int(magnitudes.sum())
+    probs = np.zeros(2 * total + 1)  # index s + total holds P(sum = s)
+    probs[total] = 1.0
+    for m in magnitudes:
+        probs = 0.5 * (np.roll(probs, m) + np.roll(probs, -m))  # never wraps: |sum| <= total
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, probs[np.abs(sums) >= observed].sum()))
+
+
+def verdict(difference: float, p: float, lower_is_better: bool, alpha: float = ALPHA) -> str:
+    """The table's word for method A against method B given A - B and the test's p-value."""
+    if p >= alpha:
+        return "within noise"
+    return "better" if (difference < 0) == lower_is_better else "worse"
