@@ -71,9 +71,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .api import load_any
-    from .atomic import write_json_atomic
+    from .atomic import check_output_file, write_json_atomic
     from .evaluate.run import check_task, evaluate
 
+    if args.output:
+        check_output_file(args.output)
     tasks = [check_task(t.strip(), args.protocol, args.data_root) for t in args.task.split(",")]
     model, tokenizer = load_any(args.model, args.task_sketch)
     summary = {"model": args.model, "task_sketch": args.task_sketch, "results": []}
@@ -107,8 +109,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .api import load_any
+    from .atomic import check_output_dir
     from .export import export_dense
 
+    check_output_dir(args.output, args.force)
     model, tokenizer = load_any(args.model, args.task_sketch, serve=False)
     export_dense(model, tokenizer, args.output, force=args.force)
     print(f"dense model written to {args.output}")
