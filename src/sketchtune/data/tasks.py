@@ -233,6 +233,8 @@ def _read_records(path: Path) -> list:
         records = json.loads(text)
     except json.JSONDecodeError as err:
         raise SketchtuneError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from err
+    except RecursionError:
+        raise SketchtuneError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(records, list):
         raise SketchtuneError(f"{path}: expected a JSON list of records")
     return records
@@ -241,7 +243,7 @@ def _read_records(path: Path) -> list:
 def _json_or_none(line: str):
     try:
         return json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested too deeply counts as invalid
         return None
 
 

@@ -135,11 +135,13 @@ def _title(passage: str) -> str:
 
 
 def _parse_json(path: Path, text: str, line: int | None = None):
+    where = f"{path}:{line}" if line is not None else str(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        where = f"{path}:{line}" if line is not None else str(path)
         raise SketchtuneError(f"{where}: invalid JSON ({err.msg})") from err
+    except RecursionError:
+        raise SketchtuneError(f"{where}: invalid JSON (nested too deeply)") from None
 
 
 def _text_of(path: Path, record) -> str:
