@@ -4,11 +4,16 @@ bitsandbytes has no 4-bit path on this CPU-only machine, so the QLoRA-style base
 plain-PyTorch one, stated as such: 4-bit normal-float codes (16 levels at evenly spaced quantiles
 of a standard normal) with one absmax scale per 64 weights, dequantized on the fly in every
 forward, plus trainable LoRA factors (B zero-initialised, as in LoRA).
+
+LoftQ is the same layer with another start: PEFT's LoftQ needs bitsandbytes on a GPU, so
+`loftq_init` is our own, on this NF4 base: alternate Q = NF4(W - s·B A) and the rank-r SVD of
+W - Q, T times, so that Q + s·B A starts closer to W than Q alone (s: the LoRA scaling).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,20 +84,65 @@ def dequantize_nf4(packed: torch.Tensor, scales: torch.Tensor, d_in: int) -> tor
     return (levels.reshape(d_out, -1, NF_BLOCK) * scales[..., None]).reshape(d_out, d_in)
 
 
-class NF4LoraLinear(nn.Module):
-    """Frozen 4-bit base weight, dequantized per call, plus a trainable LoRA update."""
+LORA_SCALING = 2.0  # alpha = 2 · rank
+LOFTQ_ITERATIONS = 5  # the LoftQ paper's T for 4-bit bases
 
-    def __init__(self, linear: nn.Linear, rank: int) -> None:
+
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """What the NF4 base holds for `weight`, dequantized."""
+    return dequantize_nf4(*quantize_nf4(weight), weight.shape[1])
+
+
+def loftq_init(
+    weight: torch.Tensor,
+    rank: int,
+    iterations: int = LOFTQ_ITERATIONS,
+    round_trip: Callable[[torch.Tensor], torch.Tensor] = nf4_round_trip,
+    scaling: float = LORA_SCALING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ: (the matrix to quantize, A (rank, d_in), B (d_out, rank)) after `iterations`
+    rounds of Q = round_trip(W - s·B A), then B A = the rank-`rank` SVD of (W - Q) / s."""
+    if iterations < 1:
+        raise ValueError(f"LoftQ needs at least one iteration, got {iterations}")
+    weight = weight.detach().float()
+    update = torch.zeros_like(weight)  # s·B A, none before the first round
+    for _ in range(iterations):
+        target = weight - update
+        u, s, vh = torch.linalg.svd(weight - round_trip(target), full_matrices=False)
+        root = (s[:rank] / scaling).sqrt()  # split the singular values evenly over A and B
+        a, b = root[:, None] * vh[:rank], u[:, :rank] * root
+        update = scaling * b @ a
+    return target, a, b
+
+
+class NF4LoraLinear(nn.Module):
+    """Frozen 4-bit base weight, dequantized per call, plus a trainable LoRA update.
+
+    `loftq_iterations` > 0 starts from LoftQ (`loftq_init`) instead of B = 0 on NF4(W)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, loftq_iterations: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed, scales = quantize_nf4(linear.weight.detach())
+        self.scaling = LORA_SCALING
+        base = linear.weight.detach()
+        if loftq_iterations:
+            base, a, b = loftq_init(base, rank, loftq_iterations, scaling=self.scaling)
+        packed, scales = quantize_nf4(base)
         self.register_buffer("codes", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.scaling = 2.0  # alpha = 2 · rank
+        if loftq_iterations:
+            self.lora_a.data.copy_(a)
+            self.lora_b.data.copy_(b)
+        else:
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def effective_weight(self) -> torch.Tensor:
+        """Q + s·B A: the weight this layer applies."""
+        q = dequantize_nf4(self.codes, self.scales, self.in_features)
+        return q + self.scaling * self.lora_b.detach() @ self.lora_a.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequantize_nf4(self.codes, self.scales, self.in_features).to(x.dtype)
@@ -100,10 +150,27 @@ class NF4LoraLinear(nn.Module):
         return y + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
 
 
-def qlora_style_model(model: nn.Module, rank: int) -> nn.Module:
-    """Swap every block projection for NF4LoraLinear; everything else frozen. In place."""
+def qlora_style_model(model: nn.Module, rank: int, loftq_iterations: int = 0) -> nn.Module:
+    """Swap every block projection for NF4LoraLinear (LoftQ-initialised if `loftq_iterations`);
+    everything else frozen. In place."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name, linear in block_linears(model).items():
-        model.set_submodule(name, NF4LoraLinear(linear, rank))
+        model.set_submodule(name, NF4LoraLinear(linear, rank, loftq_iterations))
     return model
+
+
+def init_errors(dense: dict[str, torch.Tensor], model: nn.Module) -> dict[str, float]:
+    """How far the quantized model starts from the dense weights `dense` (by module name), over
+    all block projections: ||W - Q||_F / ||W||_F for the NF4 base alone ("nf4") and with the
+    initial LoRA update, Q + s·B A ("with_lora": equal to "nf4" unless LoftQ started it)."""
+    squares = {"weight": 0.0, "nf4": 0.0, "with_lora": 0.0}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, NF4LoraLinear):
+            continue
+        w = dense[name].float()
+        q = dequantize_nf4(layer.codes, layer.scales, layer.in_features)
+        squares["weight"] += float(w.square().sum())
+        squares["nf4"] += float((w - q).square().sum())
+        squares["with_lora"] += float((w - layer.effective_weight()).square().sum())
+    return {k: math.sqrt(squares[k] / squares["weight"]) for k in ("nf4", "with_lora")}
