@@ -16,13 +16,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_directory
+from .cliargs import option, positive_int
+from .data.registry import MIX, loglik_tasks, task_names
 from .errors import SketchtuneError
+from .format import SUPPORTED_BITS, SUPPORTED_GPR
 from .memory import peak_rss_bytes
 
 METHODS = ("dense", "sketch", "lora", "dora", "qlora")
@@ -30,27 +33,34 @@ METHODS = ("dense", "sketch", "lora", "dora", "qlora")
 
 @dataclass
 class CompareConfig:
-    model: str
-    data: str
-    tasks: list[str]
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    gpr: int = 4
-    bits: int = 4
-    steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 256
-    lr_sketch: float = 1e-4
-    lr_lora: float = 2e-4
-    seed: int = 42
-    limit: int | None = 400  # log-likelihood items per task
-    nll_limit: int = 200  # held-out responses for the NLL
-    generate_limit: int = 0  # items for the generation protocol (slow on CPU); 0 skips it
-    calib_samples: int = 32
-    calib_seq_len: int = 512
-    sketched: str | None = None  # reuse an already compressed base (must match bits/gpr)
-    heldout: str | None = None  # task for the held-out NLL; default: the training task's test
-    data_root: str | None = None
-    save_trained: str | None = None  # folder for each trained method's weights (not a setting)
+    model: str = option(help="dense source model: hub id, local folder or embedded name",
+                        positional=True)
+    data: str = option(help="training data (as for finetune)")
+    tasks: list[str] = option(help=f"evaluation tasks, comma-separated: {task_names()}, or files",
+                              flag="task")
+    methods: list[str] = option(help="comma-separated", factory=lambda: list(METHODS))
+    gpr: int = option(4, "groups per row of the sketch", choices=SUPPORTED_GPR)
+    bits: int = option(4, "bits per code of the sketch", choices=SUPPORTED_BITS)
+    steps: int = option(100, "training steps per method", type=positive_int)
+    batch_size: int = option(8, "sequences per step", type=positive_int)
+    seq_len: int = option(256, "longest training sequence in tokens", type=positive_int)
+    lr_sketch: float = option(1e-4, "learning rate of the sketch values")
+    lr_lora: float = option(2e-4, "learning rate of the LoRA-family methods")
+    seed: int = option(42, "random seed")
+    limit: int | None = option(400, "log-likelihood items per task", type=positive_int)
+    nll_limit: int = option(200, "held-out responses for the NLL", type=positive_int)
+    generate_limit: int = option(0, "generation items per task (slow on CPU); 0 skips it")
+    calib_samples: int = option(32, "calibration sequences", flag="samples", type=positive_int)
+    calib_seq_len: int = option(512, "tokens per calibration sequence", type=positive_int)
+    sketched: str | None = option(
+        None, "reuse this compressed base instead of compressing (must match --bits/--gpr)"
+    )
+    heldout: str | None = option(None, "task for the held-out NLL (default: the --data task)")
+    data_root: str | None = option(None, "folder with the shared data (default ../shared/data)")
+    save_trained: str | None = option(  # where, not how: not a setting of the rows
+        None, "keep each trained method in DIR/<method> (task sketch, PEFT adapter, ...)",
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -62,13 +72,6 @@ class CompareConfig:
                 f"{', '.join(answer_tasks)} have no answer options to score by log-likelihood: "
                 "give --generate-limit N to score generated answers"
             )
-
-
-def loglik_tasks(tasks: list[str]) -> list[str]:
-    """The tasks with answer options (math tasks with a number answer have none)."""
-    from .evaluate.choices import NUMBER_TASKS
-
-    return [t for t in tasks if t not in NUMBER_TASKS]
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
@@ -116,7 +119,7 @@ def heldout_task(cfg: CompareConfig) -> str:
     """The training task's own test split, unless it has none (a mix or a user file)."""
     if cfg.heldout:
         return cfg.heldout
-    if cfg.data == "commonsense" or Path(cfg.data).suffix in (".json", ".jsonl"):
+    if cfg.data == MIX or Path(cfg.data).suffix in (".json", ".jsonl"):
         return cfg.tasks[0]
     return cfg.data
 

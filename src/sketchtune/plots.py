@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from .data.registry import loglik_tasks  # noqa: E402
+
 
 def _save(fig, out_png: Path) -> Path:
     fig.tight_layout()
@@ -36,8 +38,6 @@ def plot_loss(metrics_jsonl: Path, out_png: Path) -> Path:
 
 def plot_comparison(results: dict, out_png: Path) -> Path:
     """Two panels: held-out NLL per method, and log-likelihood accuracy per task with 95% CIs."""
-    from .compare import loglik_tasks
-
     rows, tasks = results["rows"], loglik_tasks(results["settings"]["tasks"])
     methods = [r["method"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

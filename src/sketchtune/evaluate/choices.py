@@ -1,11 +1,12 @@
 """Answer extraction for the LLM-Adapters generation protocol: a reply -> the model's answer.
 
-- commonsense: the FIRST match in the reply of the task's label pattern (`true|false`,
+Each registered task names its rule (`data.registry`); files get one inferred from their labels.
+- "choice" (commonsense): the FIRST match in the reply of the task's label pattern (`true|false`,
   `solution1|solution2`, `answer1..answerN`, `ending1..4`, `option1|option2`), case-sensitive as
   in LLM-Adapters, compared exactly with the gold label;
-- math (gsm8k, AddSub, MultiArith, SingleEq, numeric files): the LAST number in the reply, commas
-  removed, correct within 1e-3 of the gold number;
-- AQuA (and files whose labels are letters): after the last "answer" cue (any case), the first
+- "number" (math, numeric files): the LAST number in the reply, commas removed, correct within
+  1e-3 of the gold number;
+- "letter" (AQuA, files whose labels are letters): after the last "answer" cue (any case), the first
   standalone capital A-E ("(D)", "D", "D."); without a cue, or none after it, the last standalone
   A-E in the reply. LLM-Adapters takes the first capital A-E anywhere, which the "A:" that opens
   many replies (or any word like "Alice") would hit first.
@@ -17,20 +18,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..data.registry import BOOL_LABELS, find_task
 from ..errors import SketchtuneError
 
-CHOICE_PATTERNS = {
-    "boolq": "true|false",
-    "piqa": "solution1|solution2",
-    "social_i_qa": "answer1|answer2|answer3",
-    "ARC-Easy": "answer1|answer2|answer3|answer4|answer5",
-    "ARC-Challenge": "answer1|answer2|answer3|answer4|answer5",
-    "openbookqa": "answer1|answer2|answer3|answer4|answer5",
-    "hellaswag": "ending1|ending2|ending3|ending4",
-    "winogrande": "option1|option2",
-}
-NUMBER_TASKS = ("gsm8k", "AddSub", "MultiArith", "SingleEq")
-LETTER_TASKS = ("AQuA",)
 TOLERANCE = 1e-3
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
@@ -67,12 +57,9 @@ class AnswerRule:
 
 def rule_for(task: str, golds: Sequence[str] = ()) -> AnswerRule:
     """The rule of a named task; for other files, inferred from their gold labels."""
-    if task in CHOICE_PATTERNS:
-        return AnswerRule("choice", CHOICE_PATTERNS[task])
-    if task in NUMBER_TASKS:
-        return AnswerRule("number")
-    if task in LETTER_TASKS:
-        return AnswerRule("letter")
+    known = find_task(task)
+    if known is not None:
+        return AnswerRule(known.answer, known.labels)
     labels = {g.strip() for g in golds}
     if not labels or "" in labels:
         raise SketchtuneError(f"{task}: every item needs a gold `answer` to score replies")
@@ -81,7 +68,7 @@ def rule_for(task: str, golds: Sequence[str] = ()) -> AnswerRule:
     if labels <= set("ABCDE"):
         return AnswerRule("letter")
     if labels <= {"true", "false"}:
-        return AnswerRule("choice", CHOICE_PATTERNS["boolq"])
+        return AnswerRule("choice", BOOL_LABELS)
     words = {m.group(1) if (m := _LABEL.fullmatch(g)) else None for g in labels}
     if len(words) == 1 and None not in words:
         return AnswerRule("choice", rf"{words.pop()}\d")

@@ -15,20 +15,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.registry import find_task, task_names
 from ..data.tasks import Example, find_data_root, load_examples
 from ..errors import SketchtuneError
-from .choices import NUMBER_TASKS, rule_for
+from .choices import rule_for
 from .generation import generate_replies
 from .loglik import choice_accuracy, response_nll
 from .options import parse_choices
 from .stats import Z95, wilson_interval
 
-COMMONSENSE_TASKS = (
-    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
-    "openbookqa",
-)
-MATH_TASKS = ("gsm8k", "AddSub", "MultiArith", "SingleEq", "AQuA")
-TASKS = (*COMMONSENSE_TASKS, *MATH_TASKS)
 PROTOCOLS = ("generate", "loglik", "nll")
 SUBSET_SEED = 0  # `limit` draws the same items for every model
 CHOICE_NEW_TOKENS = 32  # "the correct answer is answer3" and some slack
@@ -42,21 +37,22 @@ def check_task(task: str, protocol: str = "generate", data_root: str | None = No
         return "ppl"
     if protocol not in PROTOCOLS:
         raise SketchtuneError(f"unknown protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
-    by_lower = {t.lower(): t for t in TASKS}
-    if task.lower() in by_lower:
-        name = by_lower[task.lower()]
-        if protocol == "loglik" and name in NUMBER_TASKS:
-            raise SketchtuneError(f"{name} has no answer options: use --protocol generate or nll")
-        if name != "hellaswag":
+    known = find_task(task)
+    if known is not None:
+        if protocol == "loglik" and not known.options:
+            raise SketchtuneError(
+                f"{known.name} has no answer options: use --protocol generate or nll"
+            )
+        if known.files:
             find_data_root(data_root)  # the shared folder must exist
-        return name
+        return known.name
     path = Path(task).expanduser()
     if path.suffix.lower() in (".json", ".jsonl") or path.is_file():
         if not path.is_file():
             raise SketchtuneError(f"{task}: no such file")
         return task
     raise SketchtuneError(
-        f"unknown task {task!r}: choose {', '.join(TASKS)}, ppl, "
+        f"unknown task {task!r}: choose {task_names()}, ppl, "
         "or an LLM-Adapters-format .json/.jsonl file"
     )
 
@@ -76,6 +72,7 @@ def evaluate(
     samples: int = 32,
     seq_len: int = 512,
     text: str | None = None,
+    per_item: bool = False,
 ) -> dict:
     """Evaluate `model` on one task; returns model, task, protocol, limit, n and the scores:
 
@@ -84,7 +81,9 @@ def evaluate(
     - nll: nll (per response token), nll_ci95 (normal, items as clusters), tokens, too_long;
     - ppl: perplexity, nll_per_token, tokens (`samples` windows of `seq_len` tokens of `text`).
     `limit` takes a fixed random subset (seed SUBSET_SEED); `num_beams` and `max_new_tokens`
-    (default 32 for label answers, 256 otherwise) apply to generation.
+    (default 32 for label answers, 256 otherwise) apply to generation. `per_item` keeps each
+    item's outcome under "per_item" (0/1 "correct" lists; nll: each item's "loss" and "tokens"),
+    the units of a paired test between models.
     """
     name = check_task(task, protocol, data_root)
     start = time.perf_counter()
@@ -107,6 +106,8 @@ def evaluate(
         se = scores.pop("nll_se")
         if se is not None:
             scores["nll_ci95"] = [scores["nll"] - Z95 * se, scores["nll"] + Z95 * se]
+    if not per_item:
+        scores.pop("per_item")
     head.update(protocol=protocol, limit=limit, source=report["source"])
     return {**head, **scores, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -137,13 +138,14 @@ def _generate(
     replies = generate_replies(
         model, tokenizer, examples, max_new_tokens, batch_size, num_beams, progress
     )
-    correct = sum(rule.is_correct(r, e.answer) for r, e in zip(replies, examples, strict=True))
+    hits = [int(rule.is_correct(r, e.answer)) for r, e in zip(replies, examples, strict=True)]
     return {
-        **_accuracy("accuracy", correct, len(examples)),
+        **_accuracy("accuracy", sum(hits), len(examples)),
         "n": len(examples),
         "no_answer": sum(rule.extract(r) is None for r in replies),
         "max_new_tokens": max_new_tokens,
         "num_beams": num_beams,
+        "per_item": {"correct": hits},
     }
 
 
@@ -169,6 +171,7 @@ def _loglik(
         **_accuracy("acc_norm", counts["correct_norm"], counts["n"]),
         "n": counts["n"],
         "unparsed": len(examples) - len(items),
+        "per_item": counts["per_item"],
     }
 
 
