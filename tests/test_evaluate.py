@@ -177,7 +177,10 @@ def test_choice_accuracy_picks_the_likeliest_and_normalises_by_length():
     best_norm = max(range(3), key=lambda i: sums[i] / (len(item.continuations[i]) - 1))
     items = [Choices(item.contexts, item.continuations, g) for g in range(3)]
     counts = choice_accuracy(model, tokenizer, items, batch_size=4, progress=False)
-    assert counts == {"n": 3, "correct": 1, "correct_norm": 1}
+    assert {k: counts[k] for k in ("n", "correct", "correct_norm")} == {
+        "n": 3, "correct": 1, "correct_norm": 1}
+    assert counts["per_item"]["correct"] == [int(g == best) for g in range(3)]
+    assert counts["per_item"]["correct_norm"] == [int(g == best_norm) for g in range(3)]
     right = [choice_accuracy(model, tokenizer, [items[best]], progress=False)["correct"],
              choice_accuracy(model, tokenizer, [items[best_norm]], progress=False)["correct_norm"]]
     assert right == [1, 1]
@@ -197,21 +200,24 @@ def test_acc_norm_divides_by_the_option_characters_as_lm_eval_does(monkeypatch):
     scores = [(-4.2, 2), (-3.3, 1), (-5.4, 2), (-2.0, 1), (-3.2, 1)]
     monkeypatch.setattr(loglik, "score_continuations", lambda *a, **k: scores)
     counts = choice_accuracy(tiny_model(), char_tokenizer(), [drink, accent], progress=False)
-    assert counts == {"n": 2, "correct": 0, "correct_norm": 2}
+    assert counts == {"n": 2, "correct": 0, "correct_norm": 2,
+                      "per_item": {"correct": [0, 0], "correct_norm": [1, 1]}}
 
 
 def test_response_nll_is_the_token_weighted_training_loss():
     model, tokenizer = tiny_model(), char_tokenizer()
     examples = [Example("add 1 and 2", "", "3", "3"), Example("say hi", "", "hello there", "")]
     result = response_nll(model, tokenizer, examples, batch_size=2, progress=False)
-    total = tokens = 0
+    losses, counts = [], []
     for example in examples:
         prompt = tokenizer(format_prompt(example.instruction))["input_ids"]
         response = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [1]
-        total -= _manual_logprob(model, prompt, response)
-        tokens += len(response)
-    assert result["tokens"] == tokens and result["n"] == 2
-    assert result["nll"] == pytest.approx(total / tokens, abs=1e-5)
+        losses.append(-_manual_logprob(model, prompt, response))
+        counts.append(len(response))
+    assert result["tokens"] == sum(counts) and result["n"] == 2
+    assert result["nll"] == pytest.approx(sum(losses) / sum(counts), abs=1e-5)
+    assert result["per_item"]["tokens"] == counts
+    assert result["per_item"]["loss"] == pytest.approx(losses, abs=1e-4)
 
 
 # Generation

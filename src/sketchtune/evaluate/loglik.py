@@ -245,14 +245,15 @@ def choice_accuracy(
     share_contexts: bool = True,
 ) -> dict:
     """How often the `choice_picks` of each item are its gold option: "correct" (lm-eval's acc)
-    and "correct_norm" (lm-eval's acc_norm)."""
+    and "correct_norm" (lm-eval's acc_norm); "per_item" holds both as 0/1 lists, item by item."""
     logliks = option_logliks(model, tokenizer, items, batch_size, progress, share_contexts)
-    correct = correct_norm = 0
+    hits, hits_norm = [], []
     for item, sums in zip(items, logliks, strict=True):
         pick, pick_norm = choice_picks(item, sums)
-        correct += pick == item.gold
-        correct_norm += pick_norm == item.gold
-    return {"n": len(items), "correct": correct, "correct_norm": correct_norm}
+        hits.append(int(pick == item.gold))
+        hits_norm.append(int(pick_norm == item.gold))
+    return {"n": len(items), "correct": sum(hits), "correct_norm": sum(hits_norm),
+            "per_item": {"correct": hits, "correct_norm": hits_norm}}
 
 
 def response_nll(
@@ -266,7 +267,8 @@ def response_nll(
     """Mean NLL per response token of each example's `output` (+ EOS) after its LLM-Adapters
     prompt, tokenized exactly as fine-tuning tokenizes it: the held-out loss.
 
-    Returns {"nll", "nll_se" (standard error, items as clusters), "tokens", "n", "too_long"}.
+    Returns {"nll", "nll_se" (standard error, items as clusters), "tokens", "n", "too_long",
+    "per_item": {"loss": summed NLL of each item's response, "tokens": its token count}}.
     """
     dataset, report = tokenize_examples(list(examples), tokenizer, max_len)
     pairs = []
@@ -288,6 +290,7 @@ def response_nll(
         "tokens": tokens,
         "n": len(pairs),
         "too_long": report["too long"],
+        "per_item": {"loss": losses, "tokens": counts},
     }
 
 
