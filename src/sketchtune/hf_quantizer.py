@@ -135,13 +135,14 @@ class SketchtuneHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
         # Imported here: this module is imported while transformers itself is loading (see
         # `registration`), when our modules that import transformers cannot be imported yet.
+        from .serving import serve
         from .task_sketch import attach_task_sketch_switching
 
         check_loaded(model, self.quantization_config)
         for name, param in model.named_parameters():
             param.requires_grad_(name.endswith(".values"))
         attach_task_sketch_switching(model)
-        return model
+        return serve(model)  # the fast inference path on CPU; training is unaffected
 
     def is_serializable(self) -> bool:
         return True
