@@ -123,3 +123,26 @@ def test_activations_move_to_the_cpu_only_when_they_do_not_fit(monkeypatch):
     assert compression.activation_store(gpu, inputs, block) == gpu
     monkeypatch.setattr(compression, "free_bytes", lambda _device: 10**5)
     assert compression.activation_store(gpu, inputs, block) == torch.device("cpu")
+
+
+def test_each_layer_loss_is_recorded_in_the_format_config():
+    model = tiny_model()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weight = q_proj.weight.detach().clone()
+    seen = []
+    handle = q_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(CALIB)  # block 0 sees dense inputs, so this is the Hessian its first step uses
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, weight.shape[1])
+    hessian = 2 / x.shape[0] * x.T @ x
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(weight.shape[1])
+    names = compress_model(model, CALIB, SketchConfig(bits=4, gpr=2), progress=False)
+    losses = model.config.quantization_config.layer_losses
+    assert sorted(losses) == sorted(names) and all(v > 0 for v in losses.values())
+    error = weight - model.model.layers[0].self_attn.q_proj.dequantized_weight()
+    expected = float(((error @ damped) * error).sum() / 2)  # learn.LayerSketch's identity
+    assert losses["model.layers.0.self_attn.q_proj"] == pytest.approx(expected, rel=0.05)
+    plain = tiny_model()
+    compress_model(plain, None, SketchConfig(data_aware=False), progress=False)
+    assert plain.config.quantization_config.layer_losses == {}

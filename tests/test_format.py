@@ -70,3 +70,17 @@ def test_bad_shapes_raise_clear_errors():
         pack_codes(torch.tensor([[16, 0]]), 4)
     with pytest.raises(FormatError, match="do not hold"):
         unpack_codes(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+def test_layer_losses_round_trip_and_older_folders_have_none():
+    from sketchtune.format import FORMAT_VERSION, SketchFormatConfig
+
+    config = SketchFormatConfig(4, 2, ["a.q"], layer_losses={"a.q": 0.5})
+    again = SketchFormatConfig.from_dict(config.to_dict())
+    assert again.layer_losses == {"a.q": 0.5} and again.format_version == FORMAT_VERSION == 3
+    old = config.to_dict()
+    del old["layer_losses"]
+    old["format_version"] = 2
+    assert SketchFormatConfig.from_dict(old).layer_losses == {}
+    with pytest.raises(FormatError, match="layer_losses"):
+        SketchFormatConfig.from_dict({**config.to_dict(), "layer_losses": {"a.q": "big"}})

@@ -45,7 +45,7 @@ class SketchConfig:
     damp: float = option(0.01, "Hessian damping (fraction of its mean diagonal)")
     importance_power: float = 4.0
     act_order: bool = True
-    block_size: int = 128
+    column_batch: int = 128  # GPTQ's lazy-update width, in columns (a block is a decoder block)
     kmeans: Literal["exact", "lloyd"] = option("exact", "1-D k-means: exact (DP) or Lloyd")
     data_aware: bool = option(True, "plain per-row k-means, no calibration", flag="plain")
 
@@ -194,11 +194,13 @@ def _input_hessian(
 
 def _sketch_step(
     block: nn.Module, names: list[str], hessian: torch.Tensor | None, config: SketchConfig
-) -> None:
-    """Learn one sketch for the stacked rows of projections sharing an input, then swap them in."""
+) -> dict[str, float]:
+    """Learn one sketch for the stacked rows of projections sharing an input, then swap them in.
+    Returns each projection's loss (`LayerSketch.row_loss` summed over its rows), none without a
+    Hessian."""
     linears = [block.get_submodule(n) for n in names]
     stacked = torch.cat([lin.weight.detach().float() for lin in linears])  # (Σ d_out, d_in)
-    codes, values = learn_sketch(
+    codes, values, row_loss = learn_sketch(
         stacked,
         hessian,
         bits=config.bits,
@@ -206,7 +208,7 @@ def _sketch_step(
         damp=config.damp,
         importance_power=config.importance_power,
         act_order=config.act_order,
-        block_size=config.block_size,
+        column_batch=config.column_batch,
         kmeans=config.kmeans,
     )
     values = values.to(STORAGE_DTYPE).float()  # what is saved is exactly what runs
@@ -215,6 +217,9 @@ def _sketch_step(
         bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE).float()
         sketched = SketchLinear.from_sketch(SketchedWeight.from_codes(c, v, config.bits), bias)
         block.set_submodule(name, sketched.to(lin.weight.device))
+    if row_loss is None:
+        return {}
+    return {n: float(loss.sum()) for n, loss in zip(names, row_loss.split(rows), strict=True)}
 
 
 def sketchable_names(block: nn.Module, gpr: int, bits: int) -> set[str]:
@@ -258,6 +263,7 @@ def compress_model(
     device = home if device is None else torch.device(device)
     sketched: list[str] = []
     left_dense: list[str] = []
+    layer_losses: dict[str, float] = {}
     inputs = store = None
     with torch.no_grad():
         if config.data_aware:
@@ -289,7 +295,8 @@ def compress_model(
                 if inputs is not None:
                     linear = block.get_submodule(names[0])
                     hessian = _input_hessian(block, linear, inputs, device)
-                _sketch_step(block, names, hessian, config)
+                losses = _sketch_step(block, names, hessian, config)
+                layer_losses.update({f"{blocks_name}.{index}.{n}": v for n, v in losses.items()})
                 sketched.extend(f"{blocks_name}.{index}.{n}" for n in names)
             if inputs is not None and index + 1 < len(blocks):
                 inputs = [
@@ -315,6 +322,7 @@ def compress_model(
         storage_dtype=str(STORAGE_DTYPE).removeprefix("torch."),
         dense_projections=left_dense,
         learning=config.to_dict(),
+        layer_losses=layer_losses,
     )
     return sketched
 

@@ -28,8 +28,12 @@ SUPPORTED_GPR = (1, 2, 4, 8)
 QUANT_METHOD = "sketchtune"
 # 1: folders written before the version was recorded (same layout as 2, no format_version key).
 # 2: format_version, packing and dense_projections recorded.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: layer_losses recorded (same tensors as 1 and 2).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# Task sketches (task_sketch.py) are versioned on their own: their layout has not changed since 2.
+TASK_SKETCH_VERSION = 2
+TASK_SKETCH_READABLE_VERSIONS = (1, 2)
 PACKING = "lsb-first"  # the first code of a packing unit in the lowest bits (see pack_codes)
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -155,7 +159,9 @@ class SketchFormatConfig:
 
     `modules`: the sketched projections (names relative to the model); `dense_projections`: the
     block projections whose shapes the settings could not sketch, left dense; `fingerprint`:
-    `hub.base_fingerprint` of the codes; `learning`: the `SketchConfig` that learned them.
+    `hub.base_fingerprint` of the codes; `learning`: the `SketchConfig` that learned them;
+    `layer_losses`: each sketched projection's error-compensation loss (`learn.LayerSketch`),
+    empty for plain k-means and for folders written before version 3.
     """
 
     bits: int
@@ -165,6 +171,7 @@ class SketchFormatConfig:
     storage_dtype: str = "bfloat16"
     dense_projections: list[str] = field(default_factory=list)
     learning: dict = field(default_factory=dict)
+    layer_losses: dict[str, float] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     packing: str = PACKING
     quant_method: str = QUANT_METHOD
@@ -221,3 +228,8 @@ class SketchFormatConfig:
             )
         if not isinstance(self.learning, dict):
             raise FormatError("quantization_config learning must be an object")
+        losses = self.layer_losses
+        if not isinstance(losses, dict) or not all(
+            isinstance(k, str) and type(v) in (int, float) for k, v in losses.items()
+        ):
+            raise FormatError("quantization_config layer_losses must map module names to numbers")

@@ -20,7 +20,7 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
-from .format import FORMAT_VERSION, READABLE_VERSIONS, FormatError
+from .format import TASK_SKETCH_READABLE_VERSIONS, TASK_SKETCH_VERSION, FormatError
 from .hub import fingerprint_of, format_of, read_safetensors
 from .layers import sketched_layers
 
@@ -127,7 +127,7 @@ def write_task_sketch(sketch: TaskSketch, folder: str | os.PathLike) -> None:
     values = {name: t.contiguous() for name, t in sketch.values.items()}
     save_file(values, folder / VALUES_NAME, metadata={"format": "pt", "producer": "sketchtune"})
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": TASK_SKETCH_VERSION,
         "base_fingerprint": sketch.base_fingerprint,
         "bits": sketch.bits,
         "groups_per_row": sketch.gpr,
@@ -154,10 +154,11 @@ def load_task_sketch(path: str | os.PathLike) -> TaskSketch:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
         raise SketchtuneError(f"{meta_file} is damaged: {type(exc).__name__}: {exc}") from None
     version = meta.get("format_version", 1)  # task sketches before versioning: version 1
-    if version not in READABLE_VERSIONS:
+    if version not in TASK_SKETCH_READABLE_VERSIONS:
         raise FormatError(
             f"task sketch format version {version!r} is not readable by this sketchtune "
-            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}): upgrade sketchtune"
+            f"(it reads versions {', '.join(map(str, TASK_SKETCH_READABLE_VERSIONS))}): "
+            "upgrade sketchtune"
         )
     if type(bits) is not int or type(gpr) is not int or not isinstance(fingerprint, str):
         raise SketchtuneError(f"{meta_file} is damaged: bits, groups_per_row or fingerprint")

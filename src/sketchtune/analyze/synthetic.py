@@ -66,7 +66,7 @@ def synthetic_table(
     gen = torch.Generator().manual_seed(seed)
     params = sketch_params(d_out, bits, gpr)
     rank = rank_for_budget(d_out, d_in, params)
-    codes, values = learn_sketch(torch.randn(d_out, d_in, generator=gen), None, bits, gpr)
+    codes, values, _ = learn_sketch(torch.randn(d_out, d_in, generator=gen), None, bits, gpr)
     draws = {name: draw(d_out, d_in, gen) for name, draw in CLASSES.items()}
     new_values = values + torch.randn(values.shape, generator=gen)
     draws["base-aligned (new values, same codes)"] = dequantize(codes, new_values) - dequantize(
