@@ -27,6 +27,7 @@ from transformers import (
 
 from .atomic import atomic_directory
 from .errors import SketchtuneError
+from .reference import GRID_FREE_NAME, grid_free_folder
 from .streaming import StreamingSource, open_streaming
 
 
@@ -57,9 +58,12 @@ def is_embedded(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Embedded alias -> converted cache folder; local folder -> itself; other names: hub ids."""
+    """Embedded alias -> converted cache folder; `smollm2-135m-gridfree` -> the grid-free
+    reference built from it (reference.py); local folder -> itself; other names: hub ids."""
     if is_embedded(name_or_path):
         return str(_embedded_folder(name_or_path))
+    if name_or_path == GRID_FREE_NAME:
+        return str(grid_free_folder())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
