@@ -7,21 +7,16 @@ import json
 import sys
 from pathlib import Path
 
+from .cliargs import add_options, config_from_args, positive_int
+from .compare import CompareConfig
+from .compression import SketchConfig
+from .data.registry import MIX, task_names
 from .devices import DEVICE_HELP
 from .errors import SketchtuneError
-from .format import SUPPORTED_BITS, SUPPORTED_GPR, FormatError
+from .finetune_config import FinetuneConfig
+from .format import FormatError
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 SIZE_UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -44,11 +39,8 @@ def _print_json(payload: dict) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from .api import compress_to_folder
-    from .compression import SketchConfig
 
-    config = SketchConfig(
-        bits=args.bits, gpr=args.gpr, damp=args.damp, kmeans=args.kmeans, data_aware=not args.plain
-    )
+    config = config_from_args(SketchConfig, args)
     summary = compress_to_folder(
         args.model, args.output, config, args.samples, args.seq_len, args.calib, args.seed,
         force=args.force, device=args.device, max_shard_size=args.max_shard_size,
@@ -92,14 +84,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .train import FinetuneConfig, finetune
+    from .train import finetune
 
-    config = FinetuneConfig(
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len, warmup=args.warmup, seed=args.seed,
-        save_steps=args.save_steps, gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16, limit=args.limit,
-    )
+    config = config_from_args(FinetuneConfig, args)
     summary = finetune(
         args.model, args.data, args.output, config, resume=args.resume, force=args.force,
         data_root=args.data_root,
@@ -129,16 +116,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import CompareConfig, compare
+    from .compare import compare
 
-    config = CompareConfig(
-        model=args.model, data=args.data, tasks=args.task.split(","),
-        methods=args.methods.split(","), gpr=args.gpr, steps=args.steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr_sketch=args.lr_sketch,
-        lr_lora=args.lr_lora, seed=args.seed, limit=args.limit, nll_limit=args.nll_limit,
-        generate_limit=args.generate_limit, calib_samples=args.samples, sketched=args.sketched,
-        heldout=args.heldout, data_root=args.data_root, save_trained=args.save_trained,
-    )
+    config = config_from_args(CompareConfig, args)
     compare(config, args.output, force=args.force)
     print((Path(args.output) / "results.md").read_text())
 
@@ -158,14 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="sketch every linear projection of a model")
     p.add_argument("model", help=f"hub id, local folder, or {DEFAULT_MODEL!r} (embedded)")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    p.add_argument("--gpr", type=int, default=4, choices=SUPPORTED_GPR, help="groups per row")
-    p.add_argument("--samples", type=_positive, default=32, help="calibration sequences")
-    p.add_argument("--seq-len", type=_positive, default=512, help="tokens per sequence")
+    add_options(p, SketchConfig)
+    p.add_argument("--samples", type=positive_int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
     p.add_argument("--calib", help="calibration text file (.txt, .json, .jsonl)")
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping (fraction of mean)")
-    p.add_argument("--kmeans", choices=("exact", "lloyd"), default="exact")
-    p.add_argument("--plain", action="store_true", help="plain per-row k-means, no calibration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=f"where blocks are sketched: {DEVICE_HELP}")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
@@ -176,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a (sketched) model")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
     p.add_argument("--compile", action="store_true",
@@ -187,20 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a (sketched) model")
     p.add_argument("model")
     p.add_argument("--task", default="ppl",
-                   help="comma-separated: boolq, piqa, social_i_qa, hellaswag, winogrande, "
-                        "ARC-Easy, ARC-Challenge, openbookqa, gsm8k, AddSub, MultiArith, "
-                        "SingleEq, AQuA, an LLM-Adapters-format file, or ppl (held-out text)")
+                   help=f"comma-separated: {task_names()}, an LLM-Adapters-format file, "
+                        "or ppl (held-out text)")
     p.add_argument("--protocol", choices=("generate", "loglik", "nll"), default="generate",
                    help="generated reply + answer extraction, log-likelihood multiple choice, "
                         "or NLL of the gold responses (ppl ignores it)")
-    p.add_argument("--limit", type=_positive, help="a fixed random subset of this many items")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--num-beams", type=_positive, default=1, help="beam search when > 1")
-    p.add_argument("--max-new-tokens", type=_positive,
+    p.add_argument("--limit", type=positive_int, help="a fixed random subset of this many items")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam search when > 1")
+    p.add_argument("--max-new-tokens", type=positive_int,
                    help="reply length (default 32 for label answers, 256 for math)")
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
-    p.add_argument("--samples", type=_positive, default=32, help="ppl: text windows")
-    p.add_argument("--seq-len", type=_positive, default=512, help="ppl: tokens per window")
+    p.add_argument("--samples", type=positive_int, default=32, help="ppl: text windows")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="ppl: tokens per window")
     p.add_argument("--text", help="ppl: text file to measure instead of the held-out default")
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--task-sketch", help="apply this fine-tuned task sketch first")
@@ -209,23 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train the sketch values of a sketched model")
     p.add_argument("model", help="sketched model folder (from `sketchtune compress`)")
     p.add_argument("--data", required=True,
-                   help="commonsense, gsm8k, an LLM-Adapters task name, or a .json/.jsonl file")
+                   help=f"{MIX} (the training mix), a task name, an LLM-Adapters folder name, "
+                        "or a .json/.jsonl file")
     p.add_argument("-o", "--output", required=True, help="task sketch folder to write")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when positive")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--grad-accum", type=_positive, default=1)
-    p.add_argument("--seq-len", type=_positive, default=512)
-    p.add_argument("--warmup", type=int, help="warm-up steps (default: 10%% of the run, <= 100)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--save-steps", type=_positive, default=50, help="checkpoint interval")
-    p.add_argument("--limit", type=_positive, help="use at most this many training examples")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward (default: on above 1e9 weights)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast of the dense matmuls, fp32 values (default: on CUDA and "
-                        "on CPUs with native bf16)")
+    add_options(p, FinetuneConfig)
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -254,27 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compare", help="SketchTune vs dense, LoRA, DoRA, QLoRA-style, one table")
-    p.add_argument("model", help=f"dense source model, e.g. {DEFAULT_MODEL!r}")
-    p.add_argument("--data", required=True, help="training data (as for finetune)")
-    p.add_argument("--task", required=True, help="evaluation tasks, comma-separated")
+    add_options(p, CompareConfig)
     p.add_argument("-o", "--output", required=True, help="folder for the tables and chart")
-    p.add_argument("--methods", default="dense,sketch,lora,dora,qlora")
-    p.add_argument("--gpr", type=int, default=4, choices=SUPPORTED_GPR)
-    p.add_argument("--steps", type=_positive, default=100)
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--seq-len", type=_positive, default=256)
-    p.add_argument("--lr-sketch", type=float, default=1e-4)
-    p.add_argument("--lr-lora", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--limit", type=_positive, default=400, help="log-likelihood items per task")
-    p.add_argument("--nll-limit", type=_positive, default=200, help="held-out responses")
-    p.add_argument("--generate-limit", type=int, default=0, help="generation items (0: skip)")
-    p.add_argument("--samples", type=_positive, default=32, help="calibration sequences")
-    p.add_argument("--sketched", help="reuse this compressed base instead of compressing")
-    p.add_argument("--heldout", help="task for the held-out NLL (default: the --data task)")
-    p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")
-    p.add_argument("--save-trained", metavar="DIR",
-                   help="keep each trained method in DIR/<method> (task sketch, PEFT adapter, ...)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -284,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--samples", type=_positive, default=8, help="calibration sequences")
-    p.add_argument("--seq-len", type=_positive, default=512)
-    p.add_argument("--steps", type=_positive, default=30, help="fine-tuning steps per method")
-    p.add_argument("--limit", type=_positive, default=100, help="held-out test items")
+    p.add_argument("--samples", type=positive_int, default=8, help="calibration sequences")
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=30, help="fine-tuning steps per method")
+    p.add_argument("--limit", type=positive_int, default=100, help="held-out test items")
     p.set_defaults(func=cmd_demo)
     return parser
 

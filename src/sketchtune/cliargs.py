@@ -14,22 +14,29 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 _NONE = type(None)
 _UNIONS = (typing.Union, types.UnionType)  # Optional[X] and X | None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def comma_list(text: str) -> list[str]:
@@ -55,32 +62,30 @@ def option(
 def add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """One argparse option (or positional) per `option` field of `config_cls`, dest = its name."""
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if not f.metadata.get("help"):
-            continue
-        meta = f.metadata
-        default = _default(f)
+    for f in _option_fields(config_cls):
+        meta, default = f.metadata, _default(f)
         kwargs = {"help": _help(meta["help"], default), **_kind(hints[f.name], default)}
         kwargs.update(meta["argparse"])
         if meta["positional"]:
             kwargs.pop("default", None)
             parser.add_argument(f.name, **kwargs)
             continue
-        name = "--" + (meta["flag"] or f.name).replace("_", "-")
         if default is dataclasses.MISSING:
-            kwargs.update(required=True)
             kwargs.pop("default", None)
-        parser.add_argument(name, dest=f.name, **kwargs)
+            kwargs["required"] = True
+        if meta["flag"] and "type" in kwargs and "choices" not in kwargs:
+            kwargs.setdefault("metavar", meta["flag"].upper())  # not the dest's name
+        flag = "--" + (meta["flag"] or f.name).replace("_", "-")
+        parser.add_argument(flag, dest=f.name, **kwargs)
 
 
-def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
     """`config_cls` from the parsed options of its `option` fields (others keep their default)."""
-    names = option_names(config_cls)
-    return config_cls(**{n: getattr(args, n) for n in names}, **overrides)
+    return config_cls(**{f.name: getattr(args, f.name) for f in _option_fields(config_cls)})
 
 
-def option_names(config_cls: type) -> Iterable[str]:
-    return [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("help")]
+def _option_fields(config_cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("help")]
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -111,5 +116,5 @@ def _help(text: str, default: Any) -> str:
         return text
     if "default" in text:  # the help says it better
         return text
-    shown = ",".join(default) if isinstance(default, list) else default
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
     return f"{text} (default: {shown})"

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .atomic import atomic_directory, check_output_dir
 from .data.tasks import collate, load_examples, test_overlap, tokenize_examples
 from .errors import SketchtuneError
+from .finetune_config import CHECKPOINTING_ABOVE, FinetuneConfig
 from .hub import load as load_sketched
 from .loss import causal_lm_loss
 from .plots import plot_loss
@@ -36,59 +37,6 @@ from .task_sketch import (
 )
 
 COMPLETE_MARKER = "checkpoint-complete"
-CHECKPOINTING_ABOVE = 1_000_000_000  # weights; SmolLM2-135M: 5.9 GB per 8 x 256 step without
-
-
-@dataclass
-class FinetuneConfig:
-    """Training settings; defaults suit short runs on small models (sweep `lr` for yours)."""
-
-    epochs: float = 1.0
-    max_steps: int = -1  # overrides epochs when positive
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 512
-    warmup: int | None = None  # steps; None: 10% of the run, at most 100
-    seed: int = 42
-    save_steps: int = 50
-    logging_steps: int = 5
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
-        "keep only each block's input and recompute the rest in the backward (less memory, one "
-        f"more forward); default: on for models above {CHECKPOINTING_ABOVE:.0e} weights"
-    )})
-    bf16: bool | None = field(default=None, metadata={"help": (
-        "bf16 autocast of the dense matmuls, values kept in fp32; default: on CUDA and on CPUs "
-        "with native bf16 (avx512_bf16 or amx_bf16)"
-    )})
-    limit: int | None = None  # use at most this many training examples
-
-    def __post_init__(self) -> None:
-        for bad, message in self._problems():
-            if bad:
-                raise SketchtuneError(message)
-
-    def _problems(self) -> list[tuple[bool, str]]:
-        def positive(x: float) -> bool:
-            return math.isfinite(x) and x > 0
-
-        return [
-            (not positive(self.lr), f"--lr must be a positive number, not {self.lr}"),
-            (not positive(self.epochs), f"--epochs must be a positive number, not {self.epochs}"),
-            (self.max_steps == 0 or self.max_steps < -1,
-             f"--max-steps must be positive (or -1: run --epochs), not {self.max_steps}"),
-            (self.warmup is not None and self.warmup < 0,
-             f"--warmup must be 0 or more steps, not {self.warmup}"),
-            (self.batch_size <= 0, f"--batch-size must be positive, not {self.batch_size}"),
-            (self.grad_accum <= 0, f"--grad-accum must be positive, not {self.grad_accum}"),
-            (self.seq_len <= 1, f"--seq-len must be at least 2, not {self.seq_len}"),
-            (self.save_steps <= 0, f"--save-steps must be positive, not {self.save_steps}"),
-            (self.logging_steps <= 0, f"logging_steps must be positive, not {self.logging_steps}"),
-        ]
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 

@@ -4,26 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..cliargs import at_least, positive_int
 from ..errors import SketchtuneError
 from ..format import SUPPORTED_BITS, SUPPORTED_GPR
-
-
-def _integer(minimum: int):
-    """An argument type: an integer >= minimum."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive, _count = _integer(1), _integer(0)
 
 
 def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,18 +26,18 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
                         help="fine-tune the dense model briefly on DATA (task name or .jsonl)")
     p.add_argument("--base", help="dense model a sketched MODEL came from (default: the sketch's "
                    "reconstruction)")
-    p.add_argument("--steps", type=_positive, default=20, help="short fine-tune steps")
+    p.add_argument("--steps", type=positive_int, default=20, help="short fine-tune steps")
     p.add_argument("--lr", type=float, default=5e-5, help="short fine-tune learning rate")
-    p.add_argument("--batch-size", type=_positive, default=4)
-    p.add_argument("--seq-len", type=_positive, default=128, help="fine-tune tokens per example")
-    p.add_argument("--params-per-layer", type=_positive,
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=128, help="fine-tune tokens per example")
+    p.add_argument("--params-per-layer", type=positive_int,
                    help="low-rank budget (default: the sketch's d_out * gpr * 2**bits)")
     p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="dense MODEL (default 4)")
     p.add_argument("--gpr", type=int, choices=SUPPORTED_GPR, help="dense MODEL (default 4)")
-    p.add_argument("--sample-rows", type=_count, default=128,
+    p.add_argument("--sample-rows", type=at_least(0), default=128,
                    help="rows per layer for the sketch errors (0: all; k-means dominates the time)")
-    p.add_argument("--hessian-samples", type=_positive, default=4, help="calibration windows")
-    p.add_argument("--hessian-seq-len", type=_positive, default=256)
+    p.add_argument("--hessian-samples", type=positive_int, default=4, help="calibration windows")
+    p.add_argument("--hessian-seq-len", type=positive_int, default=256)
     p.add_argument("--calib", help="calibration text file (default: the shipped text)")
     p.add_argument("--synthetic", action="store_true",
                    help="also compare on synthetic matrix classes (alone when MODEL is left out)")
