@@ -20,6 +20,7 @@ from .generate import generate_text
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_PROMPT = "What is the capital of France?"
+DEMO_TASK = "ARC-Easy"  # trained on its train split, scored on its test split
 
 
 def run_demo(
@@ -41,10 +42,10 @@ def run_demo(
     print(f"  compressed in {summary['seconds']:.0f} s to {summary['bytes_on_disk'] / 1e6:.1f} MB;"
           f" perplexity ratio sketched/dense {ratio:.3f}", flush=True)
 
-    print(f"[2/3] fine-tuning sketch and LoRA on ARC-Easy train ({steps} steps x 8), "
-          "evaluating on held-out ARC-Easy test items", flush=True)
+    print(f"[2/3] fine-tuning sketch and LoRA on {DEMO_TASK} train ({steps} steps x 8), "
+          f"evaluating on held-out {DEMO_TASK} test items", flush=True)
     config = CompareConfig(
-        model=DEMO_MODEL, data="ARC-Easy", tasks=["ARC-Easy"], methods=["dense", "sketch", "lora"],
+        model=DEMO_MODEL, data=DEMO_TASK, tasks=[DEMO_TASK], methods=["dense", "sketch", "lora"],
         steps=steps, limit=limit, nll_limit=limit, sketched=str(sketch_dir),
     )
     comparison = compare(config, output_dir / "comparison", force=True)
