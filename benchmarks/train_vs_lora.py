@@ -25,11 +25,11 @@ BATCH, SEQ = 8, 128
 
 
 def fixed_batches(tokenizer, steps: int) -> list[dict]:
-    from sketchtune.data.tasks import IGNORE_INDEX, load_examples, tokenize_examples
+    from sketchtune.data.tasks import IGNORE_INDEX, load_examples, pad_id, tokenize_examples
 
     examples, _ = load_examples("ARC-Easy", "train")
     dataset, _ = tokenize_examples(examples[: 4 * BATCH * steps], tokenizer, SEQ)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batches = []
     for start in range(0, BATCH * steps, BATCH):
         rows = dataset[start : start + BATCH]
@@ -50,12 +50,9 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     SketchLinear keeps no unpacked copy of its codes (the CPU op reads the packed ones), so
     parameters and buffers are all a sketched model holds.
     """
-    seen, model_bytes = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            model_bytes += t.untyped_storage().nbytes()
+    from sketchtune.memory import storage_bytes
+
+    model_bytes = storage_bytes([*model.parameters(), *model.buffers()])
     opt_bytes = sum(
         v.numel() * v.element_size()
         for state in optimizer.state.values()

@@ -54,3 +54,26 @@ def test_bf16_embeddings_keep_fp32_activations_and_close_logits(sketched_tiny_di
     atol = 1e-5 * scale if cpu.available() else 2e-2 * scale
     torch.testing.assert_close(got, expected, rtol=0, atol=atol)
     torch.testing.assert_close(step, expected[:1, :1], rtol=0, atol=atol)
+
+
+def test_a_pad_id_of_0_is_the_pad_id_not_eos():
+    # `pad_token_id or eos_token_id` sent EOS whenever the pad token had id 0
+    from sketchtune.data.tasks import collate, pad_id
+    from tests.conftest import VOCAB, char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = VOCAB[0]
+    assert tokenizer.pad_token_id == 0 != tokenizer.eos_token_id
+    assert pad_id(tokenizer) == 0
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def generate(self, input_ids, **kwargs):
+            seen.update(kwargs)
+            return input_ids
+
+    generate_text(Recorder(), tokenizer, "hi", max_new_tokens=1)
+    assert seen["pad_token_id"] == 0
+    batch = collate(tokenizer)([{"input_ids": [5], "attention_mask": [1], "labels": [5]},
+                                {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [5, 6]}])
+    assert batch["input_ids"][0].tolist() == [5, 0]

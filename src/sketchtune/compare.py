@@ -26,7 +26,7 @@ from .cliargs import option, positive_int
 from .data.registry import MIX, loglik_tasks, task_names
 from .errors import SketchtuneError
 from .format import SUPPORTED_BITS, SUPPORTED_GPR
-from .memory import peak_rss_bytes
+from .memory import peak_rss_bytes, storage_bytes
 
 METHODS = ("dense", "sketch", "lora", "dora", "qlora")
 
@@ -76,14 +76,8 @@ class CompareConfig:
 
 def frozen_bytes(model: torch.nn.Module) -> int:
     """Bytes of the base held in memory: every frozen parameter and buffer, each storage once."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = tensor.untyped_storage().data_ptr()
-        if tensor.requires_grad or key in seen:
-            continue
-        seen.add(key)
-        total += tensor.untyped_storage().nbytes()
-    return total
+    tensors = [*model.parameters(), *model.buffers()]
+    return storage_bytes(t for t in tensors if not t.requires_grad)
 
 
 def _build(method: str, cfg: CompareConfig):

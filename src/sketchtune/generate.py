@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .data.tasks import pad_id
+
 
 def decode_options(compile: bool) -> dict[str, Any]:
     """`generate` keyword arguments; with `compile`, a static KV cache and a torch.compile'd
@@ -44,7 +46,7 @@ def generate_text(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=pad_id(tokenizer),
             **decode_options(compile),
         )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -46,6 +46,7 @@ __all__ = [
     "find_data_root",
     "format_prompt",
     "load_examples",
+    "pad_id",
     "test_overlap",
     "tokenize_examples",
 ]
@@ -342,11 +343,8 @@ def tokenize_examples(
 def collate(
     tokenizer: PreTrainedTokenizerBase,
 ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """A collate function: right-pads input_ids (pad or EOS id), attention_mask (0), labels."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise SketchtuneError("the tokenizer has neither a pad nor an EOS token to pad with")
-    fills = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+    """A collate function: right-pads input_ids (`pad_id`), attention_mask (0), labels."""
+    fills = {"input_ids": pad_id(tokenizer), "attention_mask": 0, "labels": IGNORE_INDEX}
 
     def collate_batch(features: list[dict]) -> dict[str, torch.Tensor]:
         rows = {key: [_as_list(f[key]) for f in features] for key in fills}
@@ -357,6 +355,14 @@ def collate(
         }
 
     return collate_batch
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the pad token, else EOS (a pad id of 0 is an id, not a missing one)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise SketchtuneError("the tokenizer has neither a pad nor an EOS token to pad with")
+    return pad
 
 
 def _as_list(ids) -> list[int]:

@@ -8,8 +8,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.tasks import Example, format_prompt
-from ..errors import SketchtuneError
+from ..data.tasks import Example, format_prompt, pad_id
 
 
 @torch.no_grad()
@@ -27,10 +26,7 @@ def generate_replies(
     Prompts are sorted by length and left-padded, so each batch holds prompts of similar length.
     Generation is deterministic: greedy, or beam search when `num_beams` > 1.
     """
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if pad is None:
-        raise SketchtuneError("the tokenizer has neither a pad nor an EOS token to pad with")
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     prompts = tokenizer([format_prompt(e.instruction, e.input) for e in examples])["input_ids"]
     prompts = [p[:-1] if len(p) > 1 and p[-1] == eos else p for p in prompts]  # no EOS in prompts
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.tasks import IGNORE_INDEX, Example, tokenize_examples
+from ..data.tasks import IGNORE_INDEX, Example, pad_id, tokenize_examples
 from ..errors import SketchtuneError
 from .options import Choices
 
@@ -192,7 +192,7 @@ def encode_pairs(
         moved.append((stripped, context[len(stripped) :] + continuation))
     wholes = tokenizer([c + r for c, r in moved])["input_ids"]
     contexts = tokenizer([c for c, _ in moved])["input_ids"]
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _pad_id(tokenizer)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id(tokenizer)
     encoded = []
     for whole, context in zip(wholes, contexts, strict=True):
         n = len(context)
@@ -215,7 +215,7 @@ def option_logliks(
     `share_contexts` runs an item's context once for all its options (same scores, less work)."""
     texts = [pair for item in items for pair in zip(item.contexts, item.continuations, strict=True)]
     scores = score_continuations(
-        model, encode_pairs(tokenizer, texts), _pad_id(tokenizer), batch_size, progress,
+        model, encode_pairs(tokenizer, texts), pad_id(tokenizer), batch_size, progress,
         share_contexts=share_contexts,
     )
     sums, at = [], 0
@@ -278,7 +278,7 @@ def response_nll(
     if not pairs:
         raise SketchtuneError(f"no example fits in {max_len} tokens")
     scores = score_continuations(
-        model, pairs, _pad_id(tokenizer), batch_size, progress, desc="response nll"
+        model, pairs, pad_id(tokenizer), batch_size, progress, desc="response nll"
     )
     losses = [-s for s, _ in scores]
     counts = [n for _, n in scores]
@@ -305,10 +305,3 @@ def _ratio_se(losses: list[float], counts: list[int], mean: float) -> float | No
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise SketchtuneError("the tokenizer has neither a pad nor an EOS token to pad with")
-    return pad

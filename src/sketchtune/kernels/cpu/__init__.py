@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ...cache import cache_dir
+
 SOURCES = ("ops.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_emu16.cpp")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -21,10 +23,8 @@ _loaded: bool | None = None
 
 
 def build_directory() -> Path:
-    """`$SKETCHTUNE_CACHE/kernels/...`, else `~/.cache/sketchtune/kernels/...`."""
-    root = os.environ.get("SKETCHTUNE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "sketchtune"
-    folder = base / "kernels" / f"{platform.machine()}-torch{torch.__version__}"
+    """`kernels/<machine>-torch<version>` under the cache folder (`cache.cache_dir`)."""
+    folder = cache_dir() / "kernels" / f"{platform.machine()}-torch{torch.__version__}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
