@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hub
 from .atomic import check_output_dir
@@ -19,7 +19,7 @@ from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .memory import peak_rss_bytes
 from .serving import bf16_embeddings
-from .sources import load_dense, open_source_streaming
+from .sources import load_dense, load_tokenizer, open_source_streaming
 from .task_sketch import apply_task_sketch, load_task_sketch
 
 
@@ -55,12 +55,8 @@ def load_any(
     """A sketched model folder (plus optional task sketch; see `load`), or any dense source
     model."""
     if Path(name_or_path).is_dir() and hub.sketch_config_of(name_or_path) is not None:
-        model = load(name_or_path, task_sketch, dtype, values_dtype, serve)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
-            raise SketchtuneError(f"{name_or_path} has no usable tokenizer: {exc}") from None
-        return model, tokenizer
+        tokenizer = load_tokenizer(name_or_path)  # cheap: a bad one fails before the model loads
+        return load(name_or_path, task_sketch, dtype, values_dtype, serve), tokenizer
     if task_sketch is not None:
         raise SketchtuneError(f"{name_or_path} is not a sketched model: task sketches need one")
     return load_dense(name_or_path, dtype=dtype)

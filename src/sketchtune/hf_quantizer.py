@@ -78,7 +78,7 @@ def read_headers(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def check_checkpoint(model: PreTrainedModel, headers: dict, where: str) -> None:
-    """Every tensor the skeleton needs is stored with its shape; codes are uint8, values float."""
+    """Every tensor the skeleton needs is stored with its shape; codes are uint8, the rest float."""
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(headers) - tied)
@@ -98,6 +98,10 @@ def check_checkpoint(model: PreTrainedModel, headers: dict, where: str) -> None:
             raise SketchtuneError(f"checkpoint tensor {key} is {dtype}; codes must be U8")
         if key.endswith(".values") and dtype not in VALUE_DTYPES:
             raise SketchtuneError(f"checkpoint tensor {key} is {dtype}; values must be a float")
+        if not key.endswith(".codes") and dtype not in VALUE_DTYPES:  # else cast silently
+            raise SketchtuneError(
+                f"checkpoint tensor {key} is {dtype}; weights must be {'/'.join(VALUE_DTYPES)}"
+            )
 
 
 def check_loaded(model: PreTrainedModel, config: SketchFormatConfig) -> None:

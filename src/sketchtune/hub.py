@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .atomic import atomic_directory
 from .compression import STORAGE_DTYPE
 from .errors import SketchtuneError, corrupt_checkpoint
-from .format import QUANT_METHOD, SketchFormatConfig
+from .format import QUANT_METHOD, FormatError, SketchFormatConfig
 from .layers import base_fingerprint, sketched_layers
 
 WEIGHTS_NAME = "model.safetensors"
@@ -43,11 +43,31 @@ def sketch_config_of(path: str | os.PathLike) -> SketchFormatConfig | None:
     if not isinstance(config, dict):
         raise SketchtuneError(f"{config_file} is not a JSON object")
     quant = config.get("quantization_config")
+    if isinstance(quant, dict) and not isinstance(quant.get("quant_method"), str):
+        raise FormatError(f"{config_file}: quantization_config has no quant_method name")
     if isinstance(quant, dict) and quant.get("quant_method") != QUANT_METHOD:
         return None
     if quant is None:
         return None
-    return SketchFormatConfig.from_dict(quant)
+    sketch = SketchFormatConfig.from_dict(quant)
+    check_architecture(config, config_file)
+    return sketch
+
+
+def check_architecture(config: dict, config_file: Path) -> None:
+    """The folder must name an architecture this transformers has. One that exists only as code
+    shipped with the folder (`auto_map`) is refused: sketchtune never sets trust_remote_code."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    if "auto_map" in config:
+        raise SketchtuneError(
+            f"{config_file}: model_type {model_type!r} needs code from the folder (auto_map); "
+            "sketchtune never runs it (no trust_remote_code)"
+        )
+    raise SketchtuneError(f"{config_file}: unknown model_type {model_type!r} for this transformers")
 
 
 def format_of(model: nn.Module) -> SketchFormatConfig:

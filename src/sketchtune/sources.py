@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from .atomic import atomic_directory
-from .errors import SketchtuneError
+from .errors import SketchtuneError, first_line
 from .reference import GRID_FREE_NAME, grid_free_folder
 from .streaming import StreamingSource, open_streaming
 
@@ -110,12 +110,29 @@ def load_dense(
             f"{name_or_path} is already a sketched model: load it with sketchtune.load"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        raise SketchtuneError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
+        raise SketchtuneError(f"cannot load model {name_or_path!r}: {first_line(err)}") from err
+    if info["missing_keys"]:  # transformers would fill them with random numbers
+        missing = sorted(info["missing_keys"])
+        raise SketchtuneError(
+            f"cannot load model {name_or_path!r}: its checkpoint lacks {len(missing)} weights "
+            f"of its config ({missing[0]}, ...)"
+        )
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(source, name_or_path)
+
+
+def load_tokenizer(source: str | os.PathLike, name: str | os.PathLike | None = None):
+    """The tokenizer of a model folder or hub id; a missing or damaged one is one error line."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # transformers, tokenizers (Rust) and json raise types of their own
+        raise SketchtuneError(
+            f"{name or source} has no usable tokenizer: {first_line(err)}"
+        ) from None
 
 
 def open_source_streaming(
@@ -131,10 +148,9 @@ def open_source_streaming(
         stream = open_streaming(folder)
         if stream is None:
             return None
-        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        raise SketchtuneError(f"cannot load model {name_or_path!r}: {_first_line(err)}") from err
-    return stream, tokenizer
+        raise SketchtuneError(f"cannot load model {name_or_path!r}: {first_line(err)}") from err
+    return stream, load_tokenizer(folder, name_or_path)
 
 
 def _local_snapshot(source: str) -> Path:
@@ -190,12 +206,6 @@ def _quant_method(source: str) -> str | None:
         return None
     try:
         quant = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None  # let transformers report the broken config
     return quant.get("quant_method") if isinstance(quant, dict) else None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

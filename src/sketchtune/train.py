@@ -22,11 +22,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .atomic import atomic_directory, check_output_dir
 from .data.tasks import collate, load_examples, test_overlap, tokenize_examples
-from .errors import SketchtuneError
+from .errors import SketchtuneError, first_line
 from .finetune_config import CHECKPOINTING_ABOVE, FinetuneConfig
 from .hub import load as load_sketched
 from .loss import causal_lm_loss
 from .plots import plot_loss
+from .sources import load_tokenizer
 from .task_sketch import (
     VALUES_NAME,
     apply_task_sketch,
@@ -37,6 +38,8 @@ from .task_sketch import (
 )
 
 COMPLETE_MARKER = "checkpoint-complete"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -263,6 +266,10 @@ def train_model(
         last = last_complete_checkpoint(run_dir / "checkpoints")
         kept = f"last good checkpoint kept: {last}" if last else "no good checkpoint was reached"
         raise SketchtuneError(f"{exc}; training stopped ({kept}); try a lower --lr") from None
+    except OSError as exc:  # checkpoints and metrics are the only files a run writes
+        raise SketchtuneError(
+            f"could not write the run's files in {run_dir}: {exc.strerror or first_line(exc)}"
+        ) from None
     return trainer, result, time.perf_counter() - start
 
 
@@ -324,10 +331,8 @@ def finetune(
 
 def _finetune_run(base, data, output: Path, run_dir: Path, config: FinetuneConfig,
                   checkpoint: Path | None, progress: bool, data_root, callbacks) -> dict:
-    model = load_sketched(base)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = load_sketched(base)  # checks the folder first: the tokenizer is read from it next
+    tokenizer = load_tokenizer(base)
     trainable = freeze_all_but_values(model)
     dataset, data_report = prepare_data(data, tokenizer, config, data_root)
     trainer, result, seconds = train_model(
