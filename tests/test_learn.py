@@ -33,12 +33,19 @@ def test_data_aware_sketch_beats_plain_kmeans_on_outputs():
 
 
 def test_dead_columns_are_zeroed():
-    w = torch.randn(4, 16)
+    w = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) + 3  # none near 0
     h = torch.eye(16)
     h[3, 3] = 0
+    prepared = prepare(w, h)
+    assert torch.all(prepared.weight[:, 3] == 0)
+    torch.testing.assert_close(prepared.weight[:, [0, 1, 2, *range(4, 16)]],
+                               w[:, [0, 1, 2, *range(4, 16)]])
     codes, values, _ = learn_sketch(w, h, bits=4, gpr=1)
     assert codes.dtype == torch.uint8 and values.shape == (4, 1, 16)
     assert codes.shape == (4, 16)
+    # the dead column is coded as 0 was: each row's table entry nearest 0
+    nearest_zero = values[:, 0].abs().argmin(dim=1)
+    assert torch.equal(codes[:, 3].long(), nearest_zero)
 
 
 def _correlated_problem(d_out=24, d_in=80, n=400, seed=3):

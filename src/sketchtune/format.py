@@ -148,10 +148,6 @@ class SketchedWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.unpacked_codes(), self.values)
 
-    def nbytes(self, value_bytes: int = 2) -> int:
-        """Bytes the format needs on disk: packed codes plus values at `value_bytes` each."""
-        return self.codes.numel() + self.values.numel() * value_bytes
-
 
 @dataclass
 class SketchFormatConfig:

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from .atomic import atomic_directory
+from .cache import cache_dir
 from .errors import SketchtuneError, first_line
 from .reference import GRID_FREE_NAME, grid_free_folder
 from .streaming import StreamingSource, open_streaming
@@ -45,12 +46,6 @@ EMBEDDED_MODELS = {
         folder="smollm2-135m-instruct",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models live: `$SKETCHTUNE_CACHE` or `~/.cache/sketchtune`."""
-    root = os.environ.get("SKETCHTUNE_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "sketchtune"
 
 
 def is_embedded(name: str) -> bool:

@@ -99,11 +99,6 @@ def unpacked(codes: torch.Tensor, bits: int, d_in: int) -> torch.Tensor:
     return hit[1]
 
 
-def drop_unpacked_cache() -> None:
-    """Forget the reference path's unpacked codes (benchmarks count them in its peak memory)."""
-    _unpacked.clear()
-
-
 @contextmanager
 def reference_only() -> Iterator[None]:
     """Run every lut_linear through the reference path inside the block (benchmarks, tests)."""
