@@ -35,36 +35,33 @@ def boolq(question: str) -> str:
 
 
 def piqa(goal: str, solutions: list[str]) -> str:
-    listed = "".join(f"\n\nSolution{i}: {s}" for i, s in enumerate(solutions, 1))
-    return (
-        f"Please choose the correct solution to the question: {goal}{listed}"
-        f"\n\nAnswer format: {_labels('solution', len(solutions))}"
-    )
+    return _choose(f"solution to the question: {goal}", "solution", solutions, between="\n\n")
 
 
 def question_answers(question: str, answers: list[str]) -> str:
     """ARC-Easy, ARC-Challenge, OpenBookQA and Social IQa (3 to 5 answers)."""
-    listed = " ".join(f"Answer{i}: {a}" for i, a in enumerate(answers, 1))
-    return (
-        f"Please choose the correct answer to the question: {question}\n\n{listed}"
-        f"\n\nAnswer format: {_labels('answer', len(answers))}"
-    )
+    return _choose(f"answer to the question: {question}", "answer", answers)
 
 
 def hellaswag(context: str, endings: list[str]) -> str:
-    listed = " ".join(f"Ending{i}: {e}" for i, e in enumerate(endings, 1))
-    return (
-        f"Please choose the correct ending to complete the given sentence: {context}\n\n{listed}"
-        f"\n\nAnswer format: {_labels('ending', len(endings))}"
-    )
+    return _choose(f"ending to complete the given sentence: {context}", "ending", endings)
 
 
 def winogrande(sentence: str, options: list[str]) -> str:
     # LLM-Adapters puts a space, not a blank line, before "Answer format" here.
-    listed = " ".join(f"Option{i}: {o}" for i, o in enumerate(options, 1))
+    request = f"answer to fill in the blank to complete the given sentence: {sentence}"
+    return _choose(request, "option", options, before_format=" ")
+
+
+def _choose(
+    request: str, word: str, items: list[str], between: str = " ", before_format: str = "\n\n"
+) -> str:
+    """ "Please choose the correct <request>\n\n<Word>1: .. <Word>2: ..\n\nAnswer format:
+    <word>1/<word>2", the layout every multiple-choice task shares."""
+    listed = between.join(f"{word.capitalize()}{i}: {x}" for i, x in enumerate(items, 1))
     return (
-        "Please choose the correct answer to fill in the blank to complete the given sentence: "
-        f"{sentence}\n\n{listed} Answer format: {_labels('option', len(options))}"
+        f"Please choose the correct {request}\n\n{listed}"
+        f"{before_format}Answer format: {_labels(word, len(items))}"
     )
 
 
