@@ -438,7 +438,7 @@ def disk_full(*_args, **_kwargs):
 
 
 @pytest.mark.parametrize("target, command, says", [
-    ("sketchtune.hub.save_file", compress(), "previous output is unchanged"),
+    ("sketchtune.hub.save_file", compress("--plain"), "previous output is unchanged"),
     ("transformers.modeling_utils.safe_save_file", export, "previous output is unchanged"),
     ("sketchtune.task_sketch.save_file", finetune(), "run's files"),  # its first checkpoint
 ], ids=["compress", "export", "finetune"])
