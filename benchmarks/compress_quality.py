@@ -1,88 +1,446 @@
-"""Issue-2 targets on SmolLM2-135M, measured in one run.
+"""Compression quality against GPTQ, HQQ and round-to-nearest at matched bits per weight (issue 23).
 
-Prints held-out perplexity of the dense model (dequantized Q4_1 GGUF weights), of the data-aware
-sketch and of plain per-row k-means (no Hessian steps), the compression time, and the size on disk
-against what the format needs and against the bf16 model.
+Every row compresses the decoder blocks' linear projections of one source model and measures
+held-out perplexity on the same windows; the compressing rows use the same calibration windows.
+Sources: the grid-free reference (`smollm2-135m-gridfree`, see sketchtune/reference.py) for every
+method, and the embedded `smollm2-135m` (dequantized Q4_1 GGUF: every 32-weight block already on
+a 16-level grid) as a labelled second reference. Rows, in priority order:
 
-    .venv/bin/python benchmarks/compress_quality.py [--samples 32 --seq-len 512 --gpr 4]
+- reference perplexities (both sources);
+- RTN and HQQ (data-free, fast): 4-bit groups 128/64/32, and HQQ 3-bit group 64;
+- GPTQ with fixed uniform 4-bit grids per group (GPTQ's min-max quantizer, static groups): the
+  same Hessians, act order and error compensation as the sketches (`learn.assign_codes`);
+- sketches at bits 4 and 3 (gpr 1/2/4/8, those nearest GPTQ's bits per weight first), then 2.
+
+Bits per weight count what is stored over all projections: codes, plus per group a fp16 scale and
+a `bits`-wide integer zero (GPTQ/RTN, as GPTQ packs qzeros), a fp16 scale and fp16 zero (HQQ), or
+per (row, group) 2**bits bf16 table entries (sketches; int8 entries plus a bf16 scale for the
+`sketch_int8` rows, issue 23 item 3, measured from the kept sketch folders).
+
+Resumable: each finished row is written (atomically) to the JSON and CSV at once, and a rerun with
+the same settings skips the rows already there. The Pareto picture is redrawn after every row.
+Copies started side by side share the rows (each claims a row before running it).
+
+    nice -n 5 .venv/bin/python benchmarks/compress_quality.py [--samples 16 --heldout 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sketchtune.api import compress, heldout_perplexity
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from sketchtune import compression
+from sketchtune.api import compress, heldout_perplexity, load
 from sketchtune.atomic import write_json_atomic
-from sketchtune.compression import SketchConfig
-from sketchtune.hub import WEIGHTS_NAME, save_sketched
-from sketchtune.layers import SketchLinear
+from sketchtune.compression import SketchConfig, round_to_storage
+from sketchtune.hub import save_sketched
+from sketchtune.layers import sketched_layers
+from sketchtune.learn import assign_codes, prepare
+from sketchtune.reference import GRID_FREE_NAME, RECIPE, REPORT_NAME, grid_free_path
 from sketchtune.sources import load_dense
 
+SOURCES = {"gridfree": GRID_FREE_NAME, "dequantized": "smollm2-135m"}
+LABELS = {
+    "gridfree": "grid-free reference (fine-tuned off the Q4_1 grid)",
+    "dequantized": "dequantized Q4_1 GGUF (every 32-block on a 16-level grid)",
+}
 
-def format_bytes(model) -> int:
-    """What the format needs: codes at bits/8 byte per weight, values and the dense rest at 2."""
-    total, seen = 0, set()
-    for module in model.modules():
-        if isinstance(module, SketchLinear):
-            total += module.codes.numel() + 2 * module.values.numel()
-            seen.update(id(t) for t in (module.codes, module.values))
-    for param in model.parameters():  # parameters() yields tied tensors once
-        if id(param) not in seen:
-            total += 2 * param.numel()
+
+@dataclass(frozen=True)
+class Row:
+    method: str  # reference | rtn | hqq | gptq | sketch | sketch_int8 (see int8_tables)
+    source: str  # a key of SOURCES
+    bits: int = 16
+    group: int = 0  # columns per group (rtn, hqq, gptq) or groups per row (sketch)
+
+    @property
+    def key(self) -> str:
+        if self.method == "reference":
+            return f"reference-{self.source}"
+        if self.method == "sketch_int8":
+            return f"sketch{self.bits}-gpr{self.group}-int8"
+        size = f"gpr{self.group}" if self.method == "sketch" else f"g{self.group}"
+        suffix = "" if self.source == "gridfree" else f"-{self.source}"
+        return f"{self.method}{self.bits}-{size}{suffix}"
+
+
+def planned_rows() -> list[Row]:
+    """All rows, fastest and most needed first (the run may be stopped and resumed anywhere)."""
+    rows = [Row("reference", "gridfree"), Row("reference", "dequantized")]
+    rows += [Row("rtn", "gridfree", 4, g) for g in (128, 64, 32)]
+    rows += [Row("hqq", "gridfree", 4, g) for g in (128, 64, 32)] + [Row("hqq", "gridfree", 3, 64)]
+    rows += [Row("gptq", "gridfree", 4, g) for g in (128, 64, 32)]
+    # Sketches by what the verdict needs first: the bits per weight GPTQ reaches (4.16-4.63)
+    # are met by 4-bit gpr 1 and 3-bit gpr 1/2; then the rest of 4 and 3 bits; 2 bits last.
+    order = [(4, 1), (3, 1), (4, 2), (3, 2), (4, 4), (3, 4), (4, 8), (3, 8)]
+    rows += [Row("sketch", "gridfree", b, gpr) for b, gpr in order[:4]]
+    # Issue 23 item 3: the same sketches with int8 tables (a bf16 scale per table)
+    rows += [Row("sketch_int8", "gridfree", b, gpr) for b, gpr in order[:4]]
+    rows += [Row("sketch", "gridfree", b, gpr) for b, gpr in order[4:]]
+    rows += [Row("sketch", "gridfree", 2, gpr) for gpr in (1, 2, 4, 8)]
+    # The grid effect the grid-free reference removes: group-32 quantizers on the Q4_1 weights.
+    rows += [Row(m, "dequantized", 4, 32) for m in ("rtn", "hqq")]
+    return rows
+
+
+def projections(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder blocks' linear projections: what every method compresses."""
+    _, blocks = compression.find_decoder_blocks(model)
+    return {
+        f"{index}.{name}": module
+        for index, block in enumerate(blocks)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def uniform_grid(weight: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's asymmetric min-max grid per (row, group of `group` columns; the last may be short):
+    range widened to hold 0, integer zero point. Returns (tables (d_out, n_groups, 2**bits),
+    group_of (d_in,))."""
+    d_out, d_in = weight.shape
+    group_of = torch.arange(d_in) // group
+    index = group_of.expand(d_out, d_in)
+    n_groups = int(group_of[-1]) + 1
+    low = torch.zeros(d_out, n_groups).scatter_reduce(1, index, weight, "amin")
+    high = torch.zeros(d_out, n_groups).scatter_reduce(1, index, weight, "amax")
+    levels = (1 << bits) - 1
+    scale = ((high - low) / levels).clamp_min(1e-8)
+    zero = torch.round(-low / scale)
+    tables = scale[..., None] * (torch.arange(levels + 1) - zero[..., None])
+    return tables, group_of
+
+
+def dequantize_grouped(tables: torch.Tensor, group_of: torch.Tensor, codes: torch.Tensor):
+    """W[r, c] = tables[r, group_of[c], codes[r, c]] for any column-to-group map."""
+    per_column = tables[:, group_of, :]  # (d_out, d_in, K)
+    return per_column.gather(2, codes[..., None].long()).squeeze(2)
+
+
+def apply_rtn(model: nn.Module, bits: int, group: int) -> None:
+    for linear in projections(model).values():
+        w = linear.weight.detach().float()
+        tables, group_of = uniform_grid(w, group, bits)
+        codes = (w[..., None] - tables[:, group_of, :]).abs().argmin(-1)
+        linear.weight.data.copy_(dequantize_grouped(tables, group_of, codes))
+
+
+def apply_hqq(model: nn.Module, bits: int, group: int) -> None:
+    """HQQ's own quantizer (half-quadratic zero/scale optimisation, data-free), groups along the
+    input dimension (axis=1), fp16 scale and zero as HQQ stores them."""
+    from hqq.core.quantize import Quantizer
+
+    for linear in projections(model).values():
+        quantized, meta = Quantizer.quantize(
+            linear.weight.detach().float(), nbits=bits, group_size=group, axis=1,
+            optimize=True, bitpack=False, compute_dtype=torch.float16, device="cpu",
+        )
+        linear.weight.data.copy_(Quantizer.dequantize(quantized, meta).float())
+
+
+@contextlib.contextmanager
+def uniform_gptq_steps(bits: int, group: int) -> Iterator[None]:
+    """Make `compress` learn fixed uniform grids instead of sketches: the same calibration,
+    block order, shared-input steps and Hessians, then `assign_codes`; the projections stay
+    nn.Linear holding the dequantized grid weights."""
+
+    def step(block, names, hessian, config):
+        linears = [block.get_submodule(n) for n in names]
+        prepared = prepare(torch.cat([lin.weight.detach().float() for lin in linears]), hessian,
+                           config.damp, config.act_order)
+        tables, group_of = uniform_grid(prepared.weight, group, bits)
+        codes, _ = assign_codes(prepared, tables, group_of, config.column_batch)
+        weight = dequantize_grouped(tables, group_of, codes)
+        for lin, part in zip(linears, weight.split([lin.out_features for lin in linears]),
+                             strict=True):
+            lin.weight.data.copy_(part)
+        return {}
+
+    original = compression._sketch_step
+    compression._sketch_step = step
+    try:
+        yield
+    finally:
+        compression._sketch_step = original
+
+
+def stored_bits(row: Row, shapes: list[tuple[int, int]]) -> int:
+    """Bits a row stores for projections of these (d_out, d_in) shapes."""
+    total = 0
+    for d_out, d_in in shapes:
+        codes = row.bits * d_out * d_in
+        if row.method == "sketch":
+            total += codes + 16 * d_out * row.group * (1 << row.bits)
+        elif row.method == "sketch_int8":
+            total += codes + (8 * (1 << row.bits) + 16) * d_out * row.group
+        elif row.method == "hqq":  # groups of the flattened weight (HQQ reshapes to (-1, g))
+            total += codes + 32 * (d_out * d_in // row.group)
+        else:  # gptq, rtn: fp16 scale + bits-wide zero per (row, group)
+            total += codes + (16 + row.bits) * d_out * -(-d_in // row.group)
     return total
+
+
+def int8_tables(model: nn.Module) -> None:
+    """Round every table to int8 levels times one bf16 scale (its absmax / 127): 8 + 16/2**bits
+    bits per entry instead of 16; bf16 keeps 8 significant bits, so little should be lost."""
+    for layer in sketched_layers(model).values():
+        values = layer.values.data
+        scale = (values.abs().amax(-1, keepdim=True) / 127).to(torch.bfloat16).float()
+        scale = scale.clamp_min(torch.finfo(torch.bfloat16).tiny)
+        values.copy_((values / scale).round().clamp(-127, 127) * scale)
+
+
+def kept_folder(row: Row, args: argparse.Namespace) -> Path:
+    return Path(args.keep) / f"sketch{row.bits}-gpr{row.group}"
+
+
+def run_row(row: Row, args: argparse.Namespace) -> dict:
+    if row.method == "sketch_int8":
+        return run_int8_row(row, args)
+    model, tokenizer = load_dense(SOURCES[row.source])
+    shapes = [tuple(lin.weight.shape) for lin in projections(model).values()]
+    start = time.perf_counter()
+    entry: dict = {}
+    if row.method == "sketch":
+        config = SketchConfig(bits=row.bits, gpr=row.group)
+        compress(model, tokenizer, config, samples=args.samples, seq_len=args.seq_len,
+                 progress=False)
+        entry["loss_sum"] = sum(model.config.quantization_config.layer_losses.values())
+        save_sketched(model, tokenizer, kept_folder(row, args), force=True)  # for sketch_int8
+    elif row.method == "gptq":
+        with uniform_gptq_steps(row.bits, row.group):
+            compress(model, tokenizer, SketchConfig(bits=4, gpr=1), samples=args.samples,
+                     seq_len=args.seq_len, progress=False)
+    elif row.method in ("rtn", "hqq"):
+        (apply_rtn if row.method == "rtn" else apply_hqq)(model, row.bits, row.group)
+        round_to_storage(model)  # as the sketches and GPTQ: every tensor as stored, bf16
+    entry["compress_seconds"] = round(time.perf_counter() - start, 1)
+    ppl = heldout_perplexity(model, tokenizer, args.heldout, args.seq_len, progress=False)
+    weights = sum(d_out * d_in for d_out, d_in in shapes)
+    bits_per_weight = 32.0 if row.method == "reference" else stored_bits(row, shapes) / weights
+    return {**asdict(row), "key": row.key, "bits_per_weight": bits_per_weight,
+            "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"], **entry}
+
+
+def run_int8_row(row: Row, args: argparse.Namespace) -> dict:
+    """The kept sketch folder of the same bits and gpr, its tables rounded by `int8_tables`."""
+    folder = kept_folder(row, args)
+    model = load(folder, values_dtype=torch.float32, serve=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    shapes = [(lin.out_features, lin.in_features) for lin in sketched_layers(model).values()]
+    int8_tables(model)
+    ppl = heldout_perplexity(model, tokenizer, args.heldout, args.seq_len, progress=False)
+    weights = sum(d_out * d_in for d_out, d_in in shapes)
+    return {**asdict(row), "key": row.key, "bits_per_weight": stored_bits(row, shapes) / weights,
+            "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"],
+            "compress_seconds": 0.0}
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def finished_rows(output: Path) -> set[str]:
+    return set(json.loads(output.read_text())["rows"]) if output.is_file() else set()
+
+
+def claims_folder(output: Path) -> Path:
+    folder = output.with_name(f".{output.name}.claims")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def claim(output: Path, key: str) -> bool:
+    """Whether this process runs row `key`: it created the row's claim file, or the process that
+    did is gone. Several copies of this script can then share the rows (one thread each runs
+    better than one process with two threads on a busy machine)."""
+    path = claims_folder(output) / key
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        text = path.read_text().strip()
+        if not text or _alive(int(text)):  # empty: the claimant is writing its pid
+            return False
+        path.unlink(missing_ok=True)
+        return claim(output, key)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def load_results(path: Path, settings: dict) -> dict:
+    if not path.is_file():
+        return {"settings": settings, "rows": {}}
+    results = json.loads(path.read_text())
+    if results.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds rows measured with other settings {results.get('settings')}; "
+            "pass another --output or delete it"
+        )
+    return results
+
+
+def with_ratios(results: dict) -> dict:
+    """Each row's perplexity over its source's reference perplexity."""
+    rows = results["rows"]
+    for entry in rows.values():
+        reference = rows.get(f"reference-{entry['source']}")
+        if reference is not None:
+            entry["ratio_to_reference"] = entry["perplexity"] / reference["perplexity"]
+    return results
+
+
+def verdict(rows: dict) -> list[dict]:
+    """At each GPTQ point: the best sketch at no more bits per weight against GPTQ there and the
+    best HQQ at no more bits (or, when none is that small, HQQ at the same group)."""
+    def best(method: str, limit: float) -> dict | None:
+        fits = [r for r in rows.values() if r["method"] == method and r["source"] == "gridfree"
+                and r["bits_per_weight"] <= limit + 1e-9]
+        return min(fits, key=lambda r: r["perplexity"], default=None)
+
+    out = []
+    for gptq in sorted((r for r in rows.values() if r["method"] == "gptq"),
+                       key=lambda r: r["bits_per_weight"]):
+        bpw = gptq["bits_per_weight"]
+        sketch = best("sketch", bpw)
+        hqq = best("hqq", bpw) or rows.get(f"hqq4-g{gptq['group']}")
+        rivals = [gptq["perplexity"]] + ([hqq["perplexity"]] if hqq else [])
+        out.append({
+            "gptq": gptq["key"], "bits_per_weight": bpw, "gptq_perplexity": gptq["perplexity"],
+            "hqq": hqq and hqq["key"], "hqq_perplexity": hqq and hqq["perplexity"],
+            "best_sketch": sketch and sketch["key"],
+            "sketch_perplexity": sketch and sketch["perplexity"],
+            "sketch_wins": bool(sketch) and sketch["perplexity"] < min(rivals),
+        })
+    return out
+
+
+CSV_FIELDS = ["key", "method", "source", "bits", "group", "bits_per_weight", "perplexity",
+              "ratio_to_reference", "compress_seconds", "loss_sum"]
+
+
+def write_outputs(results: dict, output: Path) -> None:
+    """Merge with rows another run has written meanwhile, then JSON, CSV and PNG."""
+    if output.is_file():
+        results["rows"] = {**json.loads(output.read_text())["rows"], **results["rows"]}
+    report = grid_free_path() / REPORT_NAME
+    if report.is_file():
+        reference = json.loads(report.read_text())
+        results["grid_free_reference"] = {k: v for k, v in reference.items() if k != "train_losses"}
+    results = with_ratios(results)
+    results["verdict"] = verdict(results["rows"])
+    write_json_atomic(output, results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(results["rows"].values())
+    csv_path = output.with_suffix(".csv")
+    temp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    temp.write_text(buffer.getvalue())
+    os.replace(temp, csv_path)
+    plot_pareto(results["rows"], output.with_suffix(".png"))
+
+
+def plot_pareto(rows: dict, path: Path) -> None:
+    """Held-out perplexity against stored bits per weight, one line per method (grid-free
+    reference), the reference perplexities as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series: dict[str, list[dict]] = {}
+    for entry in rows.values():
+        if entry["method"] != "reference" and entry["source"] == "gridfree":
+            label = {"sketch": f"sketch {entry['bits']}-bit (gpr 1/2/4/8)",
+                     "sketch_int8": f"sketch {entry['bits']}-bit, int8 tables"}.get(
+                entry["method"], f"{entry['method'].upper()} {entry['bits']}-bit")
+            series.setdefault(label, []).append(entry)
+    for label, entries in sorted(series.items()):
+        entries.sort(key=lambda r: r["bits_per_weight"])
+        xs = [r["bits_per_weight"] for r in entries]
+        ys = [r["perplexity"] for r in entries]
+        ax.plot(xs, ys, marker="o", label=label)
+        for r in entries:
+            ax.annotate(f"{r['group']}" if r["method"].startswith("sketch") else f"g{r['group']}",
+                        (r["bits_per_weight"], r["perplexity"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    for source, style in (("gridfree", "-"), ("dequantized", ":")):
+        reference = rows.get(f"reference-{source}")
+        if reference:
+            ax.axhline(reference["perplexity"], color="gray", linestyle=style,
+                       label=f"{LABELS[source]}: {reference['perplexity']:.2f}")
+    ax.set_xlabel("stored bits per weight (codes + tables or scales/zeros)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M, grid-free reference: perplexity against bits per weight")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    temp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(temp, dpi=120)
+    plt.close(fig)
+    os.replace(temp, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--gpr", type=int, default=4)
-    parser.add_argument("--lloyd", action="store_true", help="also run Lloyd k-means (slower)")
-    parser.add_argument("--output", default="benchmarks/results/compress_quality.json")
+    parser.add_argument("--heldout", type=int, default=16, help="held-out windows")
+    parser.add_argument("--only", nargs="*", help="run only these row keys")
+    parser.add_argument("--output", default="benchmarks/results/compress_pareto.json")
+    parser.add_argument("--keep", default="runs/compress_pareto", help="sketched folders kept")
     args = parser.parse_args()
-
-    model, tokenizer = load_dense(args.model)
-    bf16_bytes = 2 * sum(p.numel() for p in model.parameters())
-    dense = heldout_perplexity(model, tokenizer, args.samples, args.seq_len, progress=False)
-    results = {"settings": vars(args), "dense": dense, "bf16_model_bytes": bf16_bytes}
-    print(f"dense (dequantized Q4_1)    perplexity {dense['perplexity']:8.3f}")
-
-    variants = {"data_aware": SketchConfig(bits=args.bits, gpr=args.gpr)}
-    if args.lloyd:
-        variants["data_aware_lloyd"] = SketchConfig(bits=args.bits, gpr=args.gpr, kmeans="lloyd")
-    variants["plain_kmeans"] = SketchConfig(bits=args.bits, gpr=args.gpr, data_aware=False)
-    for name, config in variants.items():
-        model, tokenizer = load_dense(args.model)
-        start = time.perf_counter()
-        compress(model, tokenizer, config, samples=args.samples, seq_len=args.seq_len)
-        seconds = time.perf_counter() - start
-        ppl = heldout_perplexity(model, tokenizer, args.samples, args.seq_len, progress=False)
-        entry = {"compress_seconds": seconds, **ppl}
-        entry["perplexity_ratio"] = ppl["perplexity"] / dense["perplexity"]
-        if name == "data_aware":
-            with tempfile.TemporaryDirectory() as tmp:
-                save_sketched(model, tokenizer, Path(tmp) / "m")
-                entry["bytes_on_disk"] = (Path(tmp) / "m" / WEIGHTS_NAME).stat().st_size
-            entry["format_bytes"] = format_bytes(model)
-            entry["disk_over_format"] = entry["bytes_on_disk"] / entry["format_bytes"]
-            entry["disk_over_bf16"] = entry["bytes_on_disk"] / bf16_bytes
-        results[name] = entry
-        print(
-            f"{name:27s} perplexity {ppl['perplexity']:8.3f}  ratio to dense "
-            f"{entry['perplexity_ratio']:.3f}  compressed in {seconds:.0f} s"
-        )
-    aware = results["data_aware"]
-    print(
-        f"on disk {aware['bytes_on_disk'] / 1e6:.1f} MB = {aware['disk_over_format']:.3f}x what "
-        f"the format needs, {aware['disk_over_bf16']:.3f}x the bf16 model"
-    )
-    write_json_atomic(args.output, results)
-    print(f"written: {args.output}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    settings = {"samples": args.samples, "seq_len": args.seq_len, "heldout": args.heldout,
+                "reference_recipe": asdict(RECIPE)}
+    output = Path(args.output)
+    results = load_results(output, settings)
+    results["cpu"] = cpu_model()
+    for row in planned_rows():
+        if args.only and row.key not in args.only:
+            continue
+        if row.key in finished_rows(output) or not claim(output, row.key):
+            continue
+        entry = run_row(row, args)
+        results["rows"][row.key] = entry
+        write_outputs(results, output)
+        (claims_folder(output) / row.key).unlink()
+        print(f"{row.key:28s} {entry['bits_per_weight']:6.3f} bits/weight  perplexity "
+              f"{entry['perplexity']:8.3f}  ratio {entry.get('ratio_to_reference', 0):.4f}  "
+              f"({entry['compress_seconds']:.0f} s)", flush=True)
+    for line in results.get("verdict", []):
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
