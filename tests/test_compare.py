@@ -44,7 +44,8 @@ def test_compare_tiny_model(tiny_model_dir, tiny_task_file, tmp_path, capsys):
     assert (out / "comparison.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "held-out NLL" in md
-    assert all("[" in line.split("|")[2] for line in md.splitlines()[2:])  # NLL with its CI
+    table = md.split("\n\n")[0].splitlines()
+    assert all("[" in line.split("|")[2] for line in table[2:])  # one seed: NLL with its CI
     assert_saved_methods_reload(tiny_model_dir, saved, rows)
 
 
@@ -72,7 +73,8 @@ def assert_saved_methods_reload(tiny_model_dir, saved, rows):
 
     factors = load_file(saved / "qlora" / "lora.safetensors")
     model, tokenizer = load_any(str(tiny_model_dir))
-    qlora = qlora_style_model(model, next(iter(factors.values())).shape[0])
+    rank = next(t for name, t in factors.items() if name.endswith("lora_a")).shape[0]
+    qlora = qlora_style_model(model, rank)
     missing, unexpected = qlora.load_state_dict(factors, strict=False)
     assert not unexpected and all("lora" not in name for name in missing)
     assert heldout_nll(qlora, tokenizer) == pytest.approx(rows["qlora"]["heldout_nll"], rel=1e-4)
@@ -100,20 +102,20 @@ def test_interrupted_compare_reuses_finished_methods(tiny_model_dir, tiny_task_f
     # As if a run stopped after `dense` finished: its row is kept next to the output.
     (tmp_path / "cmp.run").mkdir()
     kept = {**first["rows"][0], "marker": "from the interrupted run"}
-    (tmp_path / "cmp.run" / "dense.json").write_text(
+    (tmp_path / "cmp.run" / "dense-seed42.json").write_text(
         json.dumps({"settings": first["settings"], "row": kept})
     )
     out2 = tmp_path / "cmp2"
     (tmp_path / "cmp.run").rename(tmp_path / "cmp2.run")
     with_lora = {**first["settings"], "methods": ["dense", "lora"]}  # another method list
-    (tmp_path / "cmp2.run" / "dense.json").write_text(json.dumps({"settings": with_lora,
+    (tmp_path / "cmp2.run" / "dense-seed42.json").write_text(json.dumps({"settings": with_lora,
                                                                   "row": kept}))
     assert main(compare_args(tiny_model_dir, tiny_task_file, out2)) == 0
     assert json.loads((out2 / "results.json").read_text())["rows"][0]["marker"]
 
     # Different settings: the kept row does not count.
     (tmp_path / "cmp3.run").mkdir()
-    (tmp_path / "cmp3.run" / "dense.json").write_text(
+    (tmp_path / "cmp3.run" / "dense-seed42.json").write_text(
         json.dumps({"settings": {**first["settings"], "seed": 7}, "row": kept})
     )
     out3 = tmp_path / "cmp3"

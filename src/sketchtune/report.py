@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from .data.registry import loglik_tasks
+from .evaluate.stats import ALPHA
 from .plots import plot_comparison
+from .significance import by_method, mean_std, summary
 
 
 def _ci(result: dict) -> str:
@@ -20,32 +22,85 @@ def _nll(row: dict) -> str:
     return f"{row['heldout_nll']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
+def _scores(rows: list[dict], name: str, one_seed: str, digits: int = 3) -> str:
+    """One seed: the cell as `one_seed` writes it (with its 95% CI); more: mean ± std."""
+    if len(rows) == 1:
+        return one_seed
+    return mean_std(summary(rows)[name], digits)
+
+
+def _mean(rows: list[dict], get) -> float:
+    return sum(get(r) for r in rows) / len(rows)
+
+
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows shared by the Markdown and CSV tables."""
+    """Header and rows shared by the Markdown and CSV tables: one row per method, its seeds as
+    mean ± std (one seed: the value and its 95% CI)."""
     tasks = results["settings"]["tasks"]
     scored = loglik_tasks(tasks)
-    header = ["method", "held-out NLL [95% CI]", "trainable (M)", "base in memory (MB)",
-              "train tokens/s", "peak memory (MB)"]
+    generate = bool(results["settings"].get("generate_limit"))
+    header = ["method", "held-out NLL [95% CI] or mean ± std over seeds", "seeds", "lr",
+              "trainable (M)", "base in memory (MB)", "train tokens/s", "peak memory (MB)"]
     header += [f"{t} loglik acc [95% CI]" for t in scored]
     header += [f"{t} acc_norm" for t in scored]
-    if results["settings"].get("generate_limit"):
+    if generate:
         header += [f"{t} generate acc [95% CI]" for t in tasks]
     rows = []
-    for row in results["rows"]:
+    for method, group in by_method(results["rows"]).items():
+        first = group[0]
         cells = [
-            row["method"],
-            _nll(row),
-            f"{row['trainable_parameters'] / 1e6:.2f}",
-            f"{row['base_bytes'] / 1e6:.1f}",
-            f"{row['train_tokens_per_second']:.0f}" if "train_tokens_per_second" in row else "-",
-            f"{row['peak_rss_bytes'] / 1e6:.0f}",
+            method,
+            _scores(group, "held-out NLL", _nll(first), 4),
+            str(len(group)),
+            f"{first.get('lr', 0.0):g}",
+            f"{first['trainable_parameters'] / 1e6:.2f}",
+            f"{first['base_bytes'] / 1e6:.1f}",
+            f"{_mean(group, lambda r: r['train_tokens_per_second']):.0f}"
+            if "train_tokens_per_second" in first else "-",
+            f"{max(r['peak_rss_bytes'] for r in group) / 1e6:.0f}",
         ]
-        cells += [_ci(row["tasks"][t]["loglik"]) for t in scored]
-        cells += [f"{row['tasks'][t]['loglik'].get('acc_norm', float('nan')):.3f}" for t in scored]
-        if results["settings"].get("generate_limit"):
-            cells += [_ci(row["tasks"][t]["generate"]) for t in tasks]
+        cells += [_scores(group, f"{t} loglik acc", _ci(first["tasks"][t]["loglik"]))
+                  for t in scored]
+        cells += [f"{_mean(group, lambda r, t=t: r['tasks'][t]['loglik']['acc_norm']):.3f}"
+                  for t in scored]
+        if generate:
+            cells += [_scores(group, f"{t} generate acc", _ci(first["tasks"][t]["generate"]))
+                      for t in tasks]
         rows.append(cells)
     return header, rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def test_lines(results: dict) -> list[str]:
+    """SketchTune against each other method: the paired test's table, its test and level said."""
+    found = results.get("comparisons", [])
+    if not found:
+        return []
+    intro = (f"SketchTune against each method: paired sign-flip test over the test items "
+             f"(each item's outcome averaged over its method's seeds), two-sided, alpha {ALPHA}; "
+             "better / worse / within noise say how the first method fares.")
+    header = ["method", "against", "metric", "first", "second", "difference", "p", "verdict"]
+    rows = [[c["a"], c["b"], c["metric"], f"{c['a_value']:.4f}", f"{c['b_value']:.4f}",
+             f"{c['difference']:+.4f}", f"{c['p']:.3g}", c["verdict"]] for c in found]
+    return ["", intro, "", *_markdown(header, rows)]
+
+
+def search_lines(results: dict) -> list[str]:
+    """Every rate tried per method, its validation NLL, and the rate chosen."""
+    search = results.get("lr_search", {})
+    if not search:
+        return []
+    header = ["method", "validation NLL by learning rate", "chosen"]
+    rows = [[m, ", ".join(f"{r}: {'diverged' if v is None else f'{v:.4f}'}"
+                          for r, v in s["validation_nll"].items()), f"{s['chosen']:g}"]
+            for m, s in search.items()]
+    intro = ("Learning rates chosen by the NLL on a validation split carved from the training "
+             "data (never a test set), one short run per rate.")
+    return ["", intro, "", *_markdown(header, rows)]
 
 
 def write_comparison(results: dict, folder: Path) -> None:
@@ -56,7 +111,25 @@ def write_comparison(results: dict, folder: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = [*_markdown(header, rows), *test_lines(results), *search_lines(results)]
     (folder / "results.md").write_text("\n".join(lines) + "\n")
-    plot_comparison(results, folder / "comparison.png")
+    plot_comparison({**results, "rows": _plotted(results)}, folder / "comparison.png")
+
+
+def _plotted(results: dict) -> list[dict]:
+    """One row per method for the chart: seeds averaged, the interval mean ± std over seeds
+    (one seed: the row as it is, with its 95% CI)."""
+    plotted = []
+    for method, group in by_method(results["rows"]).items():
+        if len(group) == 1:
+            plotted.append(group[0])
+            continue
+        means = summary(group)
+        tasks = {}
+        for t in loglik_tasks(results["settings"]["tasks"]):
+            m = means[f"{t} loglik acc"]
+            tasks[t] = {"loglik": {"accuracy": m["mean"],
+                                   "ci95": [m["mean"] - m["std"], m["mean"] + m["std"]]}}
+        plotted.append({"method": method, "heldout_nll": means["held-out NLL"]["mean"],
+                        "tasks": tasks})
+    return plotted
