@@ -113,3 +113,23 @@ def test_under_bf16_autocast():
     for name, grad in plain_grads.items():
         assert grads[name].dtype == torch.float32
         torch.testing.assert_close(grads[name], grad, rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_a_served_bf16_head_computes_in_the_activations_dtype():
+    # serving.bf16_embeddings keeps the tied head's weight bf16 for fp32 activations: the chunked
+    # loss must run the fp32 matmul the plain forward runs, not fail on mixed dtypes
+    from sketchtune.serving import bf16_embeddings
+
+    model, batch = tiny_llama(), padded_batch()
+    embedding = model.get_input_embeddings().weight
+    embedding.data = embedding.data.bfloat16().float()  # weights on the bf16 grid, all in fp32
+    plain, plain_grads = loss_and_grads(model, lambda: model(**batch).loss)
+    served = tiny_llama()
+    served.load_state_dict(model.state_dict())
+    bf16_embeddings(served)  # the same weights, the embedding and tied head stored in bf16
+    chunked, grads = loss_and_grads(served, lambda: causal_lm_loss(served, batch, chunk_size=5))
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
+    fp32 = [name for name, g in grads.items() if g.dtype == torch.float32]  # the bf16 embedding's
+    assert len(fp32) == len(grads) - 1  # gradient is rounded to bf16: every other one compared
+    for name in fp32:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)

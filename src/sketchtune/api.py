@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .memory import peak_rss_bytes
-from .serving import bf16_embeddings
+from .serving import serving_disabled
 from .sources import load_dense, load_tokenizer, open_source_streaming
 from .task_sketch import apply_task_sketch, load_task_sketch
 
@@ -32,16 +33,16 @@ def load(
 ) -> PreTrainedModel:
     """A sketched model folder, with a task sketch's values applied when one is given.
 
-    The defaults are the fast inference path: tables as stored (`values_dtype=None`, bf16: the
-    CPU GEMV reads them directly) and, with `serve` on a CPU model, the embeddings and head kept
-    in bf16 as stored with fp32 activations around them (`serving.bf16_embeddings`). Training
-    needs nothing else: `model.train()` turns the tables into fp32 masters, and the head's
-    backward is the fp32 one."""
-    model = hub.load(path, dtype=dtype, values_dtype=values_dtype)
+    The defaults are the fast inference path, as `from_pretrained` gives it: tables as stored
+    (`values_dtype=None`, bf16: the CPU GEMV reads them directly) and, with `serve`, on a CPU
+    model `serving.serve` (embeddings and head in bf16 as stored with fp32 activations around
+    them; the decode thread count chosen by timing). Training needs nothing else:
+    `model.train()` turns the tables into fp32 masters, and the head's backward is the fp32
+    one. `serve=False` gives the model exactly as stored."""
+    with contextlib.nullcontext() if serve else serving_disabled():
+        model = hub.load(path, dtype=dtype, values_dtype=values_dtype)
     if task_sketch is not None:
         apply_task_sketch(model, load_task_sketch(task_sketch))
-    if serve and model.device.type == "cpu":
-        bf16_embeddings(model)
     return model
 
 

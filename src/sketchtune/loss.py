@@ -77,10 +77,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_rows = torch.empty_like(rows) if need_rows else None  # (tokens, hidden)
         grad_weight = torch.zeros_like(weight) if need_weight else None  # (vocab, hidden)
         grad_bias = torch.zeros_like(bias) if need_bias else None  # (vocab,)
-        weight_c = weight.to(_compute_dtype(weight))  # cast once, not in every chunk's matmuls
+        compute = _compute_dtype(rows)  # cast once, not in every chunk's matmuls
+        weight_c, bias_c = weight.to(compute), None if bias is None else bias.to(compute)
         for start in range(0, rows.shape[0], chunk):
             part, target = rows[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(part, weight_c, bias).float()  # (chunk, vocab)
+            logits = F.linear(part, weight_c, bias_c).float()  # (chunk, vocab)
             lse = logits.logsumexp(-1)
             total += (lse - logits.gather(1, target[:, None])[:, 0]).sum()
             if not (need_rows or need_weight or need_bias):
@@ -102,10 +103,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *grads, None, None, None
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul with `weight` in (its own when autocast is off)."""
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+def _compute_dtype(rows: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's where it is on, else the activations'
+    (a served head keeps a bf16 weight for fp32 activations: `serving.bf16_embeddings`)."""
+    device = rows.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -142,7 +144,8 @@ def _head_is_linear(kept: torch.Tensor, last: torch.Tensor, head: nn.Linear) -> 
     cost a cast of its weight under autocast). Tolerance: two roundings in the logits' dtype."""
     n = min(CHECK_VOCAB, head.out_features)
     with torch.no_grad():
-        ours = F.linear(last, head.weight[:n], None if head.bias is None else head.bias[:n])
+        bias = None if head.bias is None else head.bias[:n].to(last.dtype)
+        ours = F.linear(last, head.weight[:n].to(last.dtype), bias)
     kept = kept[..., :n]
     if kept.shape != ours.shape:
         return False
