@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lut_kernels.h"
+#include "row_pool.h"
 
 namespace sketchtune {
 namespace {
@@ -100,8 +101,9 @@ int64_t tile_extent(int64_t other, int64_t full) {
   return std::min(n, full);
 }
 
-// fn(r0, r1) over [begin, end) in blocks of `grain` rows handed out on demand, so that a thread
-// that starts late (the machine is shared) takes fewer blocks instead of holding the rest up.
+// fn(r0, r1) over [begin, end) in blocks of `grain` rows handed out on demand (row_pool.h): a
+// thread that starts late (the machine is shared) takes fewer blocks, or none, and holds no one
+// up. As many threads as torch's intra-op setting allows.
 template <class F>
 void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   const int64_t blocks = (end - begin + grain - 1) / grain;
@@ -110,10 +112,8 @@ void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& fn) {
     if (end > begin) fn(begin, end);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next++; b < blocks; b = next++)
-      fn(begin + b * grain, std::min(end, begin + (b + 1) * grain));
+  RowPool::instance().run(blocks, static_cast<int>(threads - 1), [&](int64_t b) {
+    fn(begin + b * grain, std::min(end, begin + (b + 1) * grain));
   });
 }
 
