@@ -1,20 +1,21 @@
-"""Issue-5 end-to-end targets on SmolLM2-135M: greedy decode tokens/s and a training step.
+"""Greedy decode tokens/s on SmolLM2-135M, and a training step.
 
-Variants: the dense fp32 model; the sketched model with fp32 tables (as loaded for training;
-lm_head = the fp32 tied embedding); with its tables as stored, bf16 (as `generate`/`eval` load it);
-that with the embeddings and lm_head in bf16 (`serving.bf16_embeddings`, what `sketchtune
-generate` runs); and with lm_head itself sketched to 4 bits (equal-count quantile tables, for
-speed only: it changes the model's outputs). The tokens per second are the median over
---repeats decodes of --new-tokens tokens (always that many: no stop at EOS), the variants taking
-turns so that the machine's slow spells fall on all of them. With --compile, the dense model and
-the stored-table variants also decode through a static cache and torch.compile (as `sketchtune
-generate --compile`). A profile of a short decode says where the sketched model's time goes. Then a
+Decoders: the dense fp32 model; the sketched model as `sketchtune.load` gave it before issue 22
+(fp32 tables, embeddings and head); with tables, embeddings and head in bf16 as stored but torch's
+thread count; what every loader gives now (that, plus the decode thread count chosen by timing,
+`serving.DecodeThreads`); that with lm_head itself sketched to 4 bits (equal-count quantile
+tables, for speed only: it changes the model's outputs); and llama.cpp on the same GGUF (Q4_1)
+when llama-cpp-python is installed. Each decodes the prompt, then exactly --new-tokens tokens (no
+stop at EOS); the figure is the median over --repeats, every decoder and thread count taking
+turns within each repeat so that the machine's slow spells fall on all of them. With --busy the
+turns run again beside one CPU-bound competing process per core, started and stopped here. With
+--compile, the dense model and the default load also decode through a static cache and
+torch.compile. A profile of a short decode says where the sketched model's time goes. Then a
 training step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast
 kernels and through the reference path, each in a process of its own: median time, and the
-first step's peak resident memory above the loaded model (the reference path's cache of
-unpacked codes counted in its peak).
+first step's peak resident memory above the loaded model.
 
-    .venv/bin/python benchmarks/decode.py [--sketched DIR] [--new-tokens 128] [--repeats 3]
+    .venv/bin/python benchmarks/decode.py [--sketched DIR] [--threads 1,2] [--busy]
 
 Without --sketched: /tmp/smol-g4 if it has a config.json, else /tmp/smol-sketch, made with
 `.venv/bin/sketchtune compress smollm2-135m -o /tmp/smol-sketch --samples 8 --seq-len 256`.
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -35,15 +37,16 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
+from machine import machine_line
 from torch import nn
 
 from sketchtune import kernels
 from sketchtune.api import load_any
+from sketchtune.atomic import write_json_atomic
 from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
-from sketchtune.kernels import cpu
 from sketchtune.layers import SketchLinear
-from sketchtune.serving import bf16_embeddings
+from sketchtune.serving import bf16_embeddings, serving_disabled
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
 
@@ -91,21 +94,6 @@ def tokens_per_second(model, inputs, new_tokens: int, repeats: int, compile: boo
     )
 
 
-def eager_tokens_per_second(
-    models: dict[str, nn.Module], inputs, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    """Each model's median rate, the models taking turns within every repeat."""
-    gc.collect()
-    gc.freeze()  # the loaded models' objects: no collection rescans them while timing
-    for model in models.values():
-        decode_seconds(model, inputs, 8)  # warm-up: allocations, first kernel calls
-    seconds = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            seconds[name].append(decode_seconds(model, inputs, new_tokens))
-    return {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
-
-
 def profile(model, inputs, new_tokens: int = 16) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         decode_seconds(model, inputs, new_tokens)
@@ -143,7 +131,7 @@ def train_step(sketched_dir: str, path: str, repeats: int, threads: int | None) 
     path, so that neither reuses memory the other's allocator kept."""
     if threads:
         torch.set_num_threads(threads)
-    model, _ = load_any(sketched_dir)  # fp32 tables, as for training
+    model, _ = load_any(sketched_dir)  # the default load; train() makes fp32 master tables
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(".values"))
     model.train()
@@ -184,63 +172,161 @@ def default_sketched() -> str:
     raise SystemExit("no sketched SmolLM2 folder: pass --sketched or run sketchtune compress")
 
 
+class LlamaCppDecoder:
+    """llama.cpp (llama-cpp-python) on a GGUF file, timed as `decode_seconds` times ours: the
+    prompt, then exactly `new_tokens` greedy tokens (EOS banned), the KV cache reset each run."""
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                         n_ctx=512, verbose=False)
+
+    def seconds(self, new_tokens: int) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        out = self.llm.create_completion(PROMPT, max_tokens=new_tokens, temperature=0.0, top_k=1,
+                                         logit_bias={self.llm.token_eos(): -1e9})
+        elapsed = time.perf_counter() - start
+        assert out["usage"]["completion_tokens"] == new_tokens
+        return elapsed
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def competing_load(processes: int):
+    """`processes` CPU-bound competitors (one per core: the busy machine of issue 22)."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=spin, daemon=True) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.join()
+
+
+def timed_turns(decoders: dict, new_tokens: int, repeats: int, threads: list[int]) -> dict:
+    """Tokens/s of every (decoder, thread count): the median over `repeats`, all of them taking
+    turns within each repeat so that the machine's slow spells fall on every one."""
+    for decode in decoders.values():  # warm-up: allocations, first kernel calls
+        decode(8, threads[-1])
+    seconds: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for count in threads:
+            for name, decode in decoders.items():
+                seconds.setdefault((name, count), []).append(decode(new_tokens, count))
+    return {key: new_tokens / statistics.median(s) for key, s in seconds.items()}
+
+
+def torch_decoder(model, inputs):
+    def decode(new_tokens: int, threads: int) -> float:
+        torch.set_num_threads(threads)
+        return decode_seconds(model, inputs, new_tokens)
+    return decode
+
+
+def llama_cpp_decoders(threads: list[int]) -> dict:
+    from sketchtune.sources import embedded_gguf
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: llama-cpp-python is not installed (pip install '.[llamacpp]')")
+        return {}
+    gguf = embedded_gguf("smollm2-135m")
+    per_count = {count: LlamaCppDecoder(gguf, count) for count in threads}
+    return {f"llama.cpp {gguf.name}": lambda n, count: per_count[count].seconds(n)}
+
+
+def report(title: str, rates: dict, threads: list[int]) -> dict:
+    print(title)
+    rows = {}
+    for count in threads:
+        base = rates[("dense fp32", count)]
+        anchor = next((r for (name, c), r in rates.items() if c == count
+                       and name.startswith("llama.cpp")), None)
+        for (name, c), rate in rates.items():
+            if c != count:
+                continue
+            versus = f"{rate / base:5.2f}x dense fp32"
+            if anchor:
+                versus += f"  {rate / anchor:5.2f}x llama.cpp"
+            print(f"  {count} thread(s)  {name:58s} {rate:7.2f} tokens/s  {versus}")
+            rows[f"{name} @ {count} threads"] = {
+                "tokens_per_s": round(rate, 2), "over_dense_fp32": round(rate / base, 3),
+                "over_llama_cpp": round(rate / anchor, 3) if anchor else None}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sketched", default=None)
     parser.add_argument("--dense", default="smollm2-135m")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated thread counts, each timed (default: torch's)")
+    parser.add_argument("--busy", action="store_true",
+                        help="time again with one CPU-bound competing process per core")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-train", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--compile", action="store_true",
                         help="also time compiled decodes (static cache; about a minute each)")
+    parser.add_argument("--output", default="benchmarks/results/decode.json")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     sketched_dir = args.sketched or default_sketched()
-    print(
-        f"threads {torch.get_num_threads()}, CPU kernels "
-        f"{cpu.isa() if cpu.available() else 'unavailable'}, sketched model {sketched_dir}"
-    )
+    print(f"{machine_line()}\nsketched model {sketched_dir}")
 
     dense, tokenizer = load_any(args.dense)
     inputs = tokenizer(PROMPT, return_tensors="pt")
     head_weight = dense.get_output_embeddings().weight
-    variants = {"dense fp32": dense.eval()}
-    sketched, _ = load_any(sketched_dir)  # fp32 tables, as for training
-    sketched.eval()
-    variants["sketched, fp32 tables, lm_head fp32"] = sketched
-    stored, _ = load_any(sketched_dir, values_dtype=None)  # bf16 tables, as for inference
-    stored.eval()
-    variants["sketched, bf16 tables, lm_head fp32"] = stored
-    bf16_head = bf16_embeddings(copy.deepcopy(stored))  # as `sketchtune generate` runs it
-    variants["sketched, bf16 tables, bf16 embeddings + lm_head"] = bf16_head
-    sketched_head = copy.deepcopy(stored)
+    models = {"dense fp32": dense.eval()}
+    # before issue 22, what `sketchtune.load` gave: fp32 tables, fp32 embeddings and head
+    models["sketched, fp32 tables and head (serve=False)"] = load_any(
+        sketched_dir, values_dtype=torch.float32, serve=False)[0].eval()
+    default = load_any(sketched_dir)[0].eval()  # what every loader gives now
+    with serving_disabled():  # the same minus the decode thread choice
+        fixed = bf16_embeddings(load_any(sketched_dir)[0].eval())
+    models["sketched, bf16 tables and head, torch's threads"] = fixed
+    models["sketchtune.load default (threads by timing)"] = default
+    sketched_head = copy.deepcopy(default)
     sketched_head.lm_head = quantile_sketch(head_weight)
     sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())
-    variants["sketched, bf16 tables, lm_head sketched (speed only)"] = sketched_head
-    rates = eager_tokens_per_second(variants, inputs, args.new_tokens, args.repeats)
+    models["sketchtune.load default, lm_head sketched (speed only)"] = sketched_head
+    decoders = {name: torch_decoder(model, inputs) for name, model in models.items()}
+    decoders.update(llama_cpp_decoders(threads))
 
-    if args.compile:  # static cache + torch.compile for the dense model and the stored tables
-        for name in list(variants)[:1] + list(variants)[2:]:
-            rates[f"{name}, compiled"] = tokens_per_second(
-                variants[name], inputs, args.new_tokens, args.repeats, compile=True
-            )
-    del variants, dense
+    gc.collect()
+    gc.freeze()  # the loaded models' objects: no collection rescans them while timing
+    results = {"machine": machine_line(), "sketched": sketched_dir, "new_tokens": args.new_tokens,
+               "repeats": args.repeats}
+    quiet = timed_turns(decoders, args.new_tokens, args.repeats, threads)
+    results["quiet"] = report("no competing load:", quiet, threads)
+    if args.busy:
+        with competing_load(os.cpu_count() or 1):
+            busy = timed_turns(decoders, args.new_tokens, args.repeats, threads)
+        results["busy"] = report(f"{os.cpu_count()} competing CPU-bound processes:", busy, threads)
+        results["busy_machine"] = machine_line()
+    torch.set_num_threads(threads[-1])
 
-    base = rates["dense fp32"]
-    base_compiled = rates.get("dense fp32, compiled")
-    for name, rate in rates.items():
-        versus = f"{rate / base:5.2f}x dense fp32"
-        if base_compiled:
-            versus += f"  {rate / base_compiled:5.2f}x dense fp32 compiled"
-        print(f"{name:60s} {rate:7.2f} tokens/s  {1e3 / rate:7.2f} ms/token  {versus}")
+    if args.compile:  # static cache + torch.compile for the dense model and the default load
+        for name in ("dense fp32", "sketchtune.load default (threads by timing)"):
+            rate = tokens_per_second(models[name], inputs, args.new_tokens, args.repeats, True)
+            results[f"{name}, compiled"] = round(rate, 2)
+            print(f"{name}, compiled: {rate:7.2f} tokens/s")
+    write_json_atomic(args.output, results)
     if not args.no_profile:
         print("where the time goes (sketched, lm_head sketched; profiler adds overhead):")
         profile(sketched_head, inputs)
+    del models, decoders, dense
     if not args.no_train:
-        train_step_report(sketched_dir, args.repeats, args.threads)
+        train_step_report(sketched_dir, args.repeats, threads[-1])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -188,17 +188,6 @@ def compare(
         ],
     }
     return summary, rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

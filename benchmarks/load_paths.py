@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 CHILD = r"""
 import sys, time, json, torch
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="benchmarks/results/load_paths.json")
     args = parser.parse_args()
-    cpu = _cpu_model()
+    cpu = cpu_model()
     print(f"CPU: {cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads")
     runs: dict[str, list[dict]] = {p: [] for p in PATHS}
     logits: dict[str, torch.Tensor] = {}
@@ -102,16 +102,6 @@ def main() -> None:
               "from_pretrained_over_direct": {"time": round(ratio_time, 3),
                                               "peak": round(ratio_peak, 3)}}
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ leave the model's reported dtype and its saved config alone, and the decode thre
 by timing."""
 
 import contextlib
+import itertools
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sketchtune.serving import Bf16Head, DecodeThreads, serving_disabled
+from sketchtune.serving import Bf16Head, ThreadChoice, serving_disabled
 
 
 @contextlib.contextmanager
@@ -53,39 +54,44 @@ def test_decode_threads_times_every_count_and_restores_the_callers(sketched_tiny
     model = AutoModelForCausalLM.from_pretrained(sketched_tiny_dir)
     with serving_disabled():
         plain = AutoModelForCausalLM.from_pretrained(sketched_tiny_dir)
-    governor = model._decode_threads
+    decode = model._decode_threads.kinds["decode"]
     with threads(2):
         out = greedy(model, IDS, 20)
         assert torch.get_num_threads() == 2
         expected = greedy(plain, IDS, 20)
     assert torch.equal(out, expected)
-    assert set(governor.seconds) == {1, 2} and all(s > 0 for s in governor.seconds.values())
-    assert governor.steps == 19  # every step after the prefill's, which produced the first token
+    assert set(decode.seconds) == {1, 2} and all(s > 0 for s in decode.seconds.values())
+    assert decode.steps == 19  # every step after the prompt's, which produced the first token
+    assert model._decode_threads.kinds["prefill"].steps == 1
 
 
-def test_decode_threads_leave_prefill_and_training_alone(sketched_tiny_dir):
+def test_decode_threads_leave_training_alone(sketched_tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(sketched_tiny_dir)
-    governor = model._decode_threads
     with threads(2):
-        with torch.no_grad():
-            model(IDS)  # a prompt, not a decode step
         model(IDS[:, :1])  # one token with gradients on: a training step
-    assert governor.steps == 0 and not governor.seconds
+    assert all(kind.steps == 0 for kind in model._decode_threads.kinds.values())
+
+
+def simulate(choice: ThreadChoice, seconds: dict[int, float], steps: int, most: int) -> list[int]:
+    used = []
+    for _ in range(steps):
+        used.append(choice.pick(most))
+        choice.record(used[-1], seconds[used[-1]], most)
+    return used
 
 
 @pytest.mark.parametrize("most, choices", [(2, {1, 2}), (8, {1, 4, 8}), (1, {1})])
-def test_decode_threads_run_the_fastest_count_and_probe_the_others(most, choices):
-    governor = DecodeThreads(probe_every=4)
-    tried = []
-    for _ in range(len(choices)):  # first every count once
-        tried.append(governor.pick(most))
-        governor.seconds[tried[-1]] = 0.01 * tried[-1]  # more threads slower: a busy machine
-        governor.steps += 1
-    assert set(tried) == choices
-    picks = []
-    for _ in range(16):
-        picks.append(governor.pick(most))
-        governor.steps += 1
-    probes = [p for step, p in enumerate(picks, start=len(choices)) if step % 4 == 0]
-    assert all(p == 1 for step, p in enumerate(picks, start=len(choices)) if step % 4)
-    assert set(probes) == (choices - {1} or {1})  # the others take turns as probes
+def test_thread_choice_tries_every_count_then_runs_the_fastest(most, choices):
+    used = simulate(ThreadChoice(), {n: 0.01 * n for n in choices}, 100, most)
+    assert set(used[:len(choices)]) == choices
+    assert used.count(1) > 100 - 4 * len(choices)  # the others only as rare probes
+
+
+def test_a_losing_count_is_probed_ever_more_rarely_and_taken_up_when_it_wins():
+    choice = ThreadChoice(probe_every=16, max_interval=256)
+    busy = simulate(choice, {1: 0.01, 2: 0.5}, 1000, 2)  # two threads ruinous: a busy machine
+    probes = [step for step, n in enumerate(busy) if n == 2]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps == sorted(gaps) and gaps[-1] == 256 and len(probes) < 12
+    quiet = simulate(choice, {1: 0.01, 2: 0.005}, 300, 2)  # quiet again: two threads win
+    assert quiet.index(2) <= 256 and quiet[-50:] == [2] * 50

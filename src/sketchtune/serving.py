@@ -71,52 +71,81 @@ def bf16_embeddings(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-class DecodeThreads:
-    """Chooses the intra-op thread count of each decode step (one new token per sequence) by
-    timing the steps themselves. A parallel op waits for its slowest thread, so on a machine whose
-    other jobs deschedule one of our threads, one thread can decode several times faster than
-    two, while on a quiet machine two win (benchmarks/decode.py --busy measures both). The
-    choices are 1, half and all of the caller's thread count; each one's step time is a moving
-    average; the best runs, and every `probe_every` steps another is tried so that the choice
-    follows the machine's load. Prefill, training and compiled regions are left alone, and the
-    caller's thread count is restored after each step."""
+class ThreadChoice:
+    """The thread count for one kind of step, chosen by timing: 1, half and all of the caller's
+    count are each tried once, then the fastest (by a moving average of seconds per token) runs,
+    and each other count is tried again after an interval that doubles every time it loses
+    (from `probe_every` steps up to `max_interval`), so that a count which is ruinous on a busy
+    machine costs almost nothing, yet is taken up again once the machine quiets down (a probe's
+    time replaces the count's old figure rather than being averaged into it)."""
 
-    def __init__(self, probe_every: int = 16, smoothing: float = 0.25) -> None:
-        self.probe_every, self.smoothing = probe_every, smoothing
-        self.seconds: dict[int, float] = {}  # thread count -> smoothed step time
+    def __init__(self, probe_every: int = 16, max_interval: int = 1024,
+                 smoothing: float = 0.25) -> None:
+        self.probe_every, self.max_interval, self.smoothing = probe_every, max_interval, smoothing
+        self.seconds: dict[int, float] = {}  # thread count -> smoothed seconds per token
+        self.interval: dict[int, int] = {}  # thread count -> steps between its probes
+        self.next_probe: dict[int, int] = {}  # thread count -> step of its next probe
         self.steps = 0
-        self._running: tuple[int, float] | None = None  # (caller's count, start) of this step
+        self.last_used: int | None = None
+
+    def best(self, choices: list[int]) -> int:
+        return min(choices, key=self.seconds.__getitem__)
 
     def pick(self, most: int) -> int:
         choices = sorted({1, max(1, most // 2), most})
         untried = [n for n in choices if n not in self.seconds]
         if untried:
             return untried[0]
-        best = min(choices, key=self.seconds.__getitem__)
-        if self.steps % self.probe_every:
-            return best
-        others = [n for n in choices if n != best]
-        return others[(self.steps // self.probe_every) % len(others)] if others else best
+        best = self.best(choices)
+        due = [n for n in choices if n != best and self.next_probe.get(n, 0) <= self.steps]
+        return due[0] if due else best
+
+    def record(self, used: int, seconds_per_token: float, most: int) -> None:
+        previous = self.seconds.get(used, seconds_per_token)
+        if used != self.last_used:  # a probe: the old figure is stale, the new one stands
+            previous = seconds_per_token
+        self.seconds[used] = previous + self.smoothing * (seconds_per_token - previous)
+        self.last_used = used
+        choices = [n for n in sorted({1, max(1, most // 2), most}) if n in self.seconds]
+        won = self.best(choices) == used
+        interval = self.probe_every if won else min(
+            2 * self.interval.get(used, self.probe_every // 2), self.max_interval)
+        self.interval[used] = interval
+        self.next_probe[used] = self.steps + interval
+        self.steps += 1
+
+
+class DecodeThreads:
+    """Chooses the intra-op thread count of each inference forward of a model by timing them:
+    a parallel op waits for its slowest thread, so on a machine whose other jobs deschedule one
+    of our threads, one thread decodes many times faster than two (benchmarks/decode.py
+    --busy), while on a quiet machine two win. Prompts (several new tokens) and decode steps
+    (one per sequence) keep separate choices (`ThreadChoice`). Training and compiled regions
+    are left alone, and the caller's thread count is restored after each forward."""
+
+    def __init__(self) -> None:
+        self.kinds = {"prefill": ThreadChoice(), "decode": ThreadChoice()}
+        self._running: tuple[str, int, int, int, float] | None = None
 
     def before(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        decoding = isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
-        if not decoding or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
             return
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        kind = "decode" if ids.shape[1] == 1 else "prefill"
         caller = torch.get_num_threads()
-        torch.set_num_threads(self.pick(caller))
-        self._running = (caller, time.perf_counter())
+        used = self.kinds[kind].pick(caller)
+        torch.set_num_threads(used)
+        self._running = (kind, caller, used, ids.numel(), time.perf_counter())
 
     def after(self, _module: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
         if self._running is None:
             return
-        caller, start = self._running
+        kind, caller, used, tokens, start = self._running
         self._running = None
-        used, elapsed = torch.get_num_threads(), time.perf_counter() - start
         torch.set_num_threads(caller)
-        previous = self.seconds.get(used, elapsed)
-        self.seconds[used] = previous + self.smoothing * (elapsed - previous)
-        self.steps += 1
+        self.kinds[kind].record(used, (time.perf_counter() - start) / tokens, caller)
 
 
 def decode_threads(model: PreTrainedModel) -> DecodeThreads:
