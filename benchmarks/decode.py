@@ -77,7 +77,7 @@ def decode_seconds(model, inputs, new_tokens: int, compile: bool = False) -> flo
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=model.config.eos_token_id,
-            **decode_options(compile),
+            **decode_options(compile, inputs["input_ids"].shape[1] + new_tokens),
         )
     elapsed = time.perf_counter() - start
     assert out.shape[1] - inputs["input_ids"].shape[1] == new_tokens

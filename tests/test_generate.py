@@ -22,7 +22,7 @@ def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
             runs.append(model.generate(
                 **inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                 output_logits=True, return_dict_in_generate=True, pad_token_id=1,
-                **decode_options(compile),
+                **decode_options(compile, inputs["input_ids"].shape[1] + 12),
             ))
     eager, compiled = runs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
@@ -31,6 +31,9 @@ def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
     # the text path takes the same route (the compiled step is cached by now)
     text = generate_text(model, tokenizer, "hello there", max_new_tokens=12, compile=True)
     assert text == tokenizer.decode(eager.sequences[0, inputs["input_ids"].shape[1]:])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generate_text(model, tokenizer, "hi", max_new_tokens=40, compile=True)  # another length
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
 
 
 def test_bf16_embeddings_keep_fp32_activations_and_close_logits(sketched_tiny_dir):
