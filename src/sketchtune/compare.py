@@ -20,6 +20,7 @@ DoRA unmerged recomputes every weight's column norms on each forward (several ti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -166,7 +167,7 @@ def _sketched_base(cfg: CompareConfig, gpr: int, cache: Path | None):
     folder = Path(cfg.sketched) if cfg.sketched and gpr == cfg.gpr else None
     if folder is None:
         model, tokenizer = load_dense(cfg.model)
-        folder = cache / f"base-gpr{gpr}" if cache else None
+        folder = cache / _base_name(cfg, gpr) if cache else None
         if folder is None or not folder.is_dir():
             compress(model, tokenizer, SketchConfig(bits=cfg.bits, gpr=gpr),
                      samples=cfg.calib_samples, seq_len=cfg.calib_seq_len)
@@ -178,6 +179,14 @@ def _sketched_base(cfg: CompareConfig, gpr: int, cache: Path | None):
     model, tokenizer = load_any(str(folder), values_dtype=torch.float32, serve=False)
     freeze_all_but_values(model)
     return model, tokenizer
+
+
+def _base_name(cfg: CompareConfig, gpr: int) -> str:
+    """The cached base's folder, named by everything its compression depends on."""
+    made = {"model": cfg.model, "bits": cfg.bits, "gpr": gpr, "samples": cfg.calib_samples,
+            "seq_len": cfg.calib_seq_len}
+    digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
+    return f"base-gpr{gpr}-{digest}"
 
 
 def split_training(cfg: CompareConfig) -> tuple[list, list]:
