@@ -63,6 +63,9 @@ def test_decode_threads_times_every_count_and_restores_the_callers(sketched_tiny
     assert set(decode.seconds) == {1, 2} and all(s > 0 for s in decode.seconds.values())
     assert decode.steps == 19  # every step after the prompt's, which produced the first token
     assert model._decode_threads.kinds["prefill"].steps == 1
+    with threads(2), torch.no_grad():
+        model(IDS[:, :1])  # a step outside generate gives the count back after the forward
+        assert torch.get_num_threads() == 2 and decode.steps == 20
 
 
 def test_decode_threads_leave_training_alone(sketched_tiny_dir):

@@ -28,23 +28,6 @@ class Bf16Head(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-_COMPUTE_DTYPE_CLASSES: dict[type, type] = {}
-
-
-def _reporting_compute_dtype(cls: type) -> type:
-    """A subclass of `cls` whose `dtype` is the activations' dtype. transformers takes a model's
-    dtype from its first floating parameter, the bf16 embedding once served, and writes it into
-    config.json on `save_pretrained`: a reload would then compute in bf16."""
-    if getattr(cls, "_reports_compute_dtype", False):
-        return cls
-    if cls not in _COMPUTE_DTYPE_CLASSES:
-        _COMPUTE_DTYPE_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "__module__": cls.__module__, "_reports_compute_dtype": True,
-            "dtype": property(lambda self: self._compute_dtype),
-        })
-    return _COMPUTE_DTYPE_CLASSES[cls]
-
-
 def bf16_embeddings(model: PreTrainedModel) -> PreTrainedModel:
     """Keep the input embedding and the output head (tied or not) in bf16, with fp32 activations
     around them: half their bytes read per decoded token, and the head is a large share of a small
@@ -62,7 +45,7 @@ def bf16_embeddings(model: PreTrainedModel) -> PreTrainedModel:
             module.weight.data = module.weight.data.bfloat16()  # tied: one shared parameter
     embedding.register_forward_hook(lambda _m, _args, out: out.to(compute))
     model._compute_dtype = compute
-    model.__class__ = _reporting_compute_dtype(type(model))
+    model.__class__ = _served_class(type(model))  # reports fp32 as its dtype
     if type(head) is nn.Linear:
         head.__class__ = Bf16Head  # same module and parameters (ties hold), another forward
     elif head is not None:  # any other head: bf16 in, fp32 out
@@ -116,36 +99,85 @@ class ThreadChoice:
 
 
 class DecodeThreads:
-    """Chooses the intra-op thread count of each inference forward of a model by timing them:
-    a parallel op waits for its slowest thread, so on a machine whose other jobs deschedule one
-    of our threads, one thread decodes many times faster than two (benchmarks/decode.py
-    --busy), while on a quiet machine two win. Prompts (several new tokens) and decode steps
-    (one per sequence) keep separate choices (`ThreadChoice`). Training and compiled regions
-    are left alone, and the caller's thread count is restored after each forward."""
+    """Chooses the intra-op thread count of each inference step of a model by timing them: a
+    parallel op waits for its slowest thread, so on a machine whose other jobs deschedule one of
+    our threads, one thread decodes many times faster than two (benchmarks/decode.py --busy),
+    while on a quiet machine two win. Prompts (several new tokens) and decode steps (one per
+    sequence) keep separate choices (`ThreadChoice`). Within `generate` a step runs from one
+    forward to the next, so the choice also covers generate's own ops between forwards (a
+    49k-logit argmax or copy is a parallel region too); the caller's thread count comes back
+    when generate returns, or after the forward outside it. Training and compiled regions are
+    left alone."""
 
     def __init__(self) -> None:
         self.kinds = {"prefill": ThreadChoice(), "decode": ThreadChoice()}
-        self._running: tuple[str, int, int, int, float] | None = None
+        self._running: tuple[str, int, int, int, float] | None = None  # the step under way
+        self._generate_caller: int | None = None  # the caller's count while generate runs
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        caller = torch.get_num_threads()
+        self._generate_caller = caller
+        try:
+            yield
+        finally:
+            self._finish(time.perf_counter())
+            self._generate_caller = None
+            torch.set_num_threads(caller)
 
     def before(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        self._finish(now)  # the previous step ends where this one starts
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
             return
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
         kind = "decode" if ids.shape[1] == 1 else "prefill"
-        caller = torch.get_num_threads()
+        caller = self._generate_caller or torch.get_num_threads()
         used = self.kinds[kind].pick(caller)
         torch.set_num_threads(used)
-        self._running = (kind, caller, used, ids.numel(), time.perf_counter())
+        self._running = (kind, caller, used, ids.numel(), now)
 
     def after(self, _module: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
-        if self._running is None:
-            return
-        kind, caller, used, tokens, start = self._running
-        self._running = None
-        torch.set_num_threads(caller)
-        self.kinds[kind].record(used, (time.perf_counter() - start) / tokens, caller)
+        if self._generate_caller is None and self._running is not None:
+            caller = self._running[1]
+            self._finish(time.perf_counter())
+            torch.set_num_threads(caller)
+
+    def _finish(self, now: float) -> None:
+        if self._running is not None:
+            kind, caller, used, tokens, start = self._running
+            self._running = None
+            self.kinds[kind].record(used, (now - start) / tokens, caller)
+
+
+class _Served:
+    """Mixed into a served model's class (`_served_class`): `dtype` is the activations' dtype
+    (transformers takes a model's dtype from its first floating parameter, the bf16 embedding
+    once served, and `save_pretrained` writes it into config.json: a reload would compute in
+    bf16), and `generate` runs under the model's `DecodeThreads`."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        compute = getattr(self, "_compute_dtype", None)
+        return compute if compute is not None else super().dtype
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        governor = getattr(self, "_decode_threads", None)
+        with governor.generating() if governor is not None else contextlib.nullcontext():
+            return super().generate(*args, **kwargs)
+
+
+_SERVED_CLASSES: dict[type, type] = {}
+
+
+def _served_class(cls: type) -> type:
+    if issubclass(cls, _Served):
+        return cls
+    if cls not in _SERVED_CLASSES:
+        _SERVED_CLASSES[cls] = type(cls.__name__, (_Served, cls), {"__module__": cls.__module__})
+    return _SERVED_CLASSES[cls]
 
 
 def decode_threads(model: PreTrainedModel) -> DecodeThreads:
@@ -154,6 +186,7 @@ def decode_threads(model: PreTrainedModel) -> DecodeThreads:
         model._decode_threads = DecodeThreads()
         model.register_forward_pre_hook(model._decode_threads.before, with_kwargs=True)
         model.register_forward_hook(model._decode_threads.after, with_kwargs=True)
+        model.__class__ = _served_class(type(model))
     return model._decode_threads
 
 
