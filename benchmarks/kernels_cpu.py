@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from machine import machine_line
 
 from sketchtune import kernels
 from sketchtune.format import pack_codes
@@ -92,6 +93,35 @@ def decode_token_layers(gpr: int, repeats: int) -> None:
     )
 
 
+def available_isas() -> list[str]:
+    names = []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            cpu.isa(name)
+            names.append(name)
+        except RuntimeError:
+            pass
+    cpu.isa("best")
+    return names
+
+
+def isa_comparison(d: int, gpr: int, repeats: int) -> None:
+    """The 4-bit GEMV of a d x d layer under every instruction set this CPU runs, in turns
+    (each call selects its ISA first: a dispatcher call, ~1 us against a ~0.5 ms GEMV)."""
+    codes, values = random_sketch(d, d, 4, gpr)
+    x = torch.randn(1, d)
+    fns = {}
+    for name in available_isas():
+        for tables in (values, values.bfloat16()):
+            key = (name, str(tables.dtype)[6:])
+            fns[key] = lambda n=name, t=tables: (cpu.isa(n), kernels.lut_linear(x, codes, t, 4))
+    times = median_times(fns, repeats)
+    cpu.isa("best")
+    for (name, dtype), t in times.items():
+        print(f"ISA {name:7s} 4-bit GEMV {d} x {d}, {dtype:8s} tables {t * 1e3:7.3f} ms  "
+              f"{times['scalar', dtype] / t if ('scalar', dtype) in times else 1:5.2f}x scalar")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -106,8 +136,7 @@ def main() -> None:
         raise SystemExit("the CPU kernels could not be built")
     d, r = args.size, args.repeats
     print(
-        f"threads {torch.get_num_threads()}, kernels {cpu.isa()}, layer {d} x {d}, "
-        f"gpr {args.gpr}, median of {r}"
+        f"{machine_line()}\nlayer {d} x {d}, gpr {args.gpr}, median of {r}"
     )
 
     bandwidth = read_bandwidth(r)
@@ -159,6 +188,7 @@ def main() -> None:
         )
 
     decode_token_layers(args.gpr, r)
+    isa_comparison(d, args.gpr, r)
 
     # SmolLM2's output head kept dense in bf16 (serving.bf16_embeddings): our GEMV vs torch's.
     head, xh = torch.randn(49152, 576).bfloat16(), torch.randn(1, 576)
