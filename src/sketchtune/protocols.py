@@ -21,11 +21,10 @@ import json
 from dataclasses import fields
 
 from .compare import CompareConfig
-from .data.registry import MIX
+from .data.registry import COMMONSENSE, MATH, MIX
 
-MATH_TASKS = ["gsm8k", "AddSub", "MultiArith", "SingleEq", "AQuA"]
-COMMONSENSE_TASKS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy",
-                     "ARC-Challenge", "openbookqa"]
+MATH_TASKS = list(MATH)
+COMMONSENSE_TASKS = list(COMMONSENSE)
 METHODS = ["dense", "sketch", "sketch-gpr1", "lora", "dora", "qlora", "loftq"]
 _SHARED = {"methods": METHODS, "gpr": 4, "seeds": 3, "lr_grid": True, "steps": 200,
            "batch_size": 16, "seq_len": 256, "calib_samples": 32}
