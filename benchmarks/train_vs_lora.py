@@ -25,7 +25,8 @@ BATCH, SEQ = 8, 128
 
 
 def fixed_batches(tokenizer, steps: int) -> list[dict]:
-    from sketchtune.data.tasks import IGNORE_INDEX, load_examples, pad_id, tokenize_examples
+    from sketchtune.data.tasks import load_examples
+    from sketchtune.data.tokens import IGNORE_INDEX, pad_id, tokenize_examples
 
     examples, _ = load_examples("ARC-Easy", "train")
     dataset, _ = tokenize_examples(examples[: 4 * BATCH * steps], tokenizer, SEQ)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sketchtune.cli import main
-from sketchtune.data.tasks import find_data_root
+from sketchtune.data.files import find_data_root
 from sketchtune.errors import SketchtuneError
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from sketchtune.cli import main
-from sketchtune.compare import CompareConfig, split_training
+from sketchtune.compare import CompareConfig
+from sketchtune.compare_methods import split_training
 from sketchtune.evaluate.stats import sign_flip_p
 from sketchtune.protocols import PRESETS, preset_config
 from sketchtune.significance import comparisons, summary

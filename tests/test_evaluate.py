@@ -8,7 +8,9 @@ import torch
 
 from sketchtune.cli import main
 from sketchtune.data import templates
-from sketchtune.data.tasks import Example, find_data_root, format_prompt
+from sketchtune.data.files import find_data_root
+from sketchtune.data.records import Example
+from sketchtune.data.templates import format_prompt
 from sketchtune.errors import SketchtuneError
 from sketchtune.evaluate import loglik
 from sketchtune.evaluate.choices import rule_for

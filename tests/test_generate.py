@@ -61,7 +61,7 @@ def test_bf16_embeddings_keep_fp32_activations_and_close_logits(sketched_tiny_di
 
 def test_a_pad_id_of_0_is_the_pad_id_not_eos():
     # `pad_token_id or eos_token_id` sent EOS whenever the pad token had id 0
-    from sketchtune.data.tasks import collate, pad_id
+    from sketchtune.data.tokens import collate, pad_id
     from tests.conftest import VOCAB, char_tokenizer
 
     tokenizer = char_tokenizer()

@@ -5,15 +5,18 @@ import re
 import pytest
 import torch
 
-from sketchtune.data import tasks
-from sketchtune.data.tasks import Example, collate, format_prompt, load_examples, tokenize_examples
+from sketchtune.data import files, olmo_files, overlap
+from sketchtune.data.records import Example
+from sketchtune.data.tasks import load_examples
+from sketchtune.data.templates import format_prompt
+from sketchtune.data.tokens import collate, tokenize_examples
 from sketchtune.errors import SketchtuneError
 from tests.conftest import char_tokenizer
 
 
 def _shared_root():
     try:
-        return tasks.find_data_root()
+        return files.find_data_root()
     except SketchtuneError:
         return None
 
@@ -134,10 +137,10 @@ def test_unknown_spec_and_missing_file_are_one_line_errors(tmp_path):
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SKETCHTUNE_DATA", str(tmp_path))
-    assert tasks.find_data_root() == tmp_path.resolve()
+    assert files.find_data_root() == tmp_path.resolve()
     monkeypatch.setenv("SKETCHTUNE_DATA", str(tmp_path / "absent"))
     with pytest.raises(SketchtuneError, match="does not exist"):
-        tasks.find_data_root()
+        files.find_data_root()
 
 
 # GSM8K
@@ -166,7 +169,7 @@ def test_gsm8k_train_and_test_from_shared_data():
         assert "<<" not in example.output and ">>" not in example.output
         assert re.fullmatch(r"-?\d+(\.\d+)?", example.answer)
         assert example.output.endswith(f"\nThe answer is {example.answer}.")
-    assert tasks.test_overlap(train) == {}
+    assert overlap.test_overlap(train) == {}
 
 
 # LLM-Adapters tasks and the commonsense mix
@@ -194,7 +197,7 @@ def test_every_test_set_loads_whole(name, size):
 )
 def test_olmo_items_match_llm_adapters_files_exactly(name, split):
     """olmo's validation = LLM-Adapters' test set for four tasks; its train = theirs for three."""
-    ours, _ = tasks._load_olmo(name, split)
+    ours, _ = olmo_files.load_olmo(name, split)
     theirs, _ = load_examples(name, split=split)
     assert ours == theirs
 
@@ -204,7 +207,7 @@ def commonsense():
     """The mix built from olmo's validation files: the train files take ~10 s to read (HellaSwag
     alone is 680 MB of few-shot requests); `test_commonsense_train_mix` reads them."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tasks._OLMO_SPLITS, "train", "rc_0shot")
+        patch.setitem(olmo_files.OLMO_SPLITS, "train", "rc_0shot")
         return load_examples("commonsense")
 
 
@@ -219,7 +222,7 @@ def test_commonsense_train_mix():
     assert report["records"] == 147580 and report["skipped"]["duplicate"] == 38
     assert all(ANSWER.fullmatch(e.output) for e in examples)
     if SHARED is not None:
-        assert tasks.test_overlap(examples) == {
+        assert overlap.test_overlap(examples) == {
             "llm-adapters/ARC-Easy/test.json": 2, "llm-adapters/piqa/test.json": 1,
         }
 
@@ -234,7 +237,7 @@ def test_commonsense_mix_has_every_task_deduplicated(commonsense):
     assert all(n >= 299 for n in report["tasks"].values())
     assert report["kept"] == len(examples) == sum(report["tasks"].values())
     assert report["records"] == report["kept"] + report["skipped"]["duplicate"]
-    pairs = {(tasks._question_key(e.instruction, e.input), e.output) for e in examples}
+    pairs = {(files.question_key(e.instruction, e.input), e.output) for e in examples}
     assert len(pairs) == len(examples)
     with pytest.raises(SketchtuneError, match="training mix"):
         load_examples("commonsense", split="test")
@@ -269,7 +272,7 @@ def test_overlap_finds_test_questions():
     test, _ = load_examples("boolq", split="test")
     shouted = Example(test[2].instruction.upper().replace(" ", "  "), "", "x", "")
     train = [*test[:2], shouted, Example("A new question?", "", "x", "")]
-    assert tasks.test_overlap(train) == {"llm-adapters/boolq/test.json": 3}
+    assert overlap.test_overlap(train) == {"llm-adapters/boolq/test.json": 3}
 
 
 def test_overlap_on_a_small_data_root(tmp_path):
@@ -280,6 +283,6 @@ def test_overlap_on_a_small_data_root(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     _write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "Q two", "answer": "1\n#### 1"}])
     train = [Example("q  ONE", "", "b", ""), Example("Q", "two", "b", ""), Example("Q", "", "", "")]
-    assert tasks.test_overlap(train, data_root=str(tmp_path)) == {
+    assert overlap.test_overlap(train, data_root=str(tmp_path)) == {
         "gsm8k/test.jsonl": 1, "llm-adapters/t/test.json": 1,
     }

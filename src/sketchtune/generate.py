@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .data.tasks import pad_id
+from .data.tokens import pad_id
 
 STATIC_CACHE_MIN = 256  # positions: the smallest static KV cache a compiled decode uses
 

@@ -21,7 +21,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .atomic import atomic_directory, check_output_dir
-from .data.tasks import collate, load_examples, test_overlap, tokenize_examples
+from .data.overlap import test_overlap
+from .data.tasks import load_examples
+from .data.tokens import collate, tokenize_examples
 from .errors import SketchtuneError, first_line
 from .finetune_config import CHECKPOINTING_ABOVE, FinetuneConfig
 from .hub import load as load_sketched

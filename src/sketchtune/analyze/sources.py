@@ -180,7 +180,8 @@ def short_finetune(
     ΔW is what the steps changed. The model's weights are restored afterwards."""
     from torch.utils.data import DataLoader
 
-    from ..data.tasks import collate, load_examples, tokenize_examples
+    from ..data.tasks import load_examples
+    from ..data.tokens import collate, tokenize_examples
 
     examples, _ = load_examples(data, "train", data_root)
     wanted = settings.steps * settings.batch_size * 4  # spare for examples over seq_len

@@ -8,7 +8,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.tasks import Example, format_prompt, pad_id
+from ..data.records import Example
+from ..data.templates import format_prompt
+from ..data.tokens import pad_id
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..data.tasks import IGNORE_INDEX, Example, pad_id, tokenize_examples
+from ..data.records import Example
+from ..data.tokens import IGNORE_INDEX, pad_id, tokenize_examples
 from ..errors import SketchtuneError
 from .options import Choices
 

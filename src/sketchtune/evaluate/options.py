@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..data.tasks import Example
+from ..data.records import Example
 
 _HEAD = re.compile(r"^Please .*?(?:question|sentence): ", re.DOTALL)
 _FORMAT = re.compile(r"\s*Answer format:.*$", re.DOTALL)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.files import find_data_root
+from ..data.records import Example
 from ..data.registry import find_task, task_names
-from ..data.tasks import Example, find_data_root, load_examples
+from ..data.tasks import load_examples
 from ..errors import SketchtuneError
 from .choices import rule_for
 from .generation import generate_replies
