@@ -143,7 +143,7 @@ def train_step(sketched_dir: str, path: str, repeats: int, threads: int | None) 
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
-    context = kernels.reference_only() if path == "reference" else contextlib.nullcontext()
+    context = kernels.compute_path("reference") if path == "reference" else contextlib.nullcontext()
     with context:
         peak = peak_rss_above_baseline(step)  # the first step: the reference path's cache too
         times = []

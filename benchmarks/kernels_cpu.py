@@ -97,11 +97,11 @@ def available_isas() -> list[str]:
     names = []
     for name in ("avx512", "avx2", "scalar"):
         try:
-            cpu.isa(name)
+            kernels.set_compute_path(name)
             names.append(name)
         except RuntimeError:
             pass
-    cpu.isa("best")
+    kernels.set_compute_path("best")
     return names
 
 
@@ -114,9 +114,10 @@ def isa_comparison(d: int, gpr: int, repeats: int) -> None:
     for name in available_isas():
         for tables in (values, values.bfloat16()):
             key = (name, str(tables.dtype)[6:])
-            fns[key] = lambda n=name, t=tables: (cpu.isa(n), kernels.lut_linear(x, codes, t, 4))
+            fns[key] = lambda n=name, t=tables: (kernels.set_compute_path(n),
+                                                      kernels.lut_linear(x, codes, t, 4))
     times = median_times(fns, repeats)
-    cpu.isa("best")
+    kernels.set_compute_path("best")
     for (name, dtype), t in times.items():
         print(f"ISA {name:7s} 4-bit GEMV {d} x {d}, {dtype:8s} tables {t * 1e3:7.3f} ms  "
               f"{times['scalar', dtype] / t if ('scalar', dtype) in times else 1:5.2f}x scalar")
@@ -223,7 +224,7 @@ def main() -> None:
         kernels.lut_linear(xg, codes, vg, 4).backward(grad)
 
     def reference_step() -> None:
-        with kernels.reference_only():
+        with kernels.compute_path("reference"):
             step()
 
     pair = median_times({"fast": step, "reference": reference_step}, r)

@@ -22,10 +22,10 @@ def cpu_model() -> str:
 
 
 def kernel_isa() -> str:
-    """The instruction set our CPU kernels run, or why none."""
-    from sketchtune.kernels import cpu
+    """The instruction set our CPU kernels run, or "reference" (the PyTorch path)."""
+    from sketchtune import kernels
 
-    return cpu.isa() if cpu.available() else "unavailable (reference path)"
+    return kernels.current_path()
 
 
 def machine_line() -> str:

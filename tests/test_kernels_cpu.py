@@ -1,12 +1,16 @@
 """The C++ CPU kernels against kernels/reference.py: every ISA, bits/gpr setting and path."""
 
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 from sketchtune import kernels
+from sketchtune.errors import SketchtuneError
 from sketchtune.format import FormatError, check_shape, pack_codes
 from sketchtune.kernels import cpu, reference
 from sketchtune.layers import SketchLinear
@@ -23,11 +27,11 @@ def usable_isas() -> list[str]:
     found = []
     for name in ("scalar", "emu16", "avx2", "avx512"):
         try:
-            cpu.isa(name)
+            kernels.set_compute_path(name)
             found.append(name)
         except RuntimeError:
             pass
-    cpu.isa("best")
+    kernels.set_compute_path("best")
     return found
 
 
@@ -36,9 +40,8 @@ ISAS = usable_isas()
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    cpu.isa(request.param)
-    yield request.param
-    cpu.isa("best")
+    with kernels.compute_path(request.param):
+        yield request.param
 
 
 def sketch(d_out, d_in, bits, gpr, seed=0):
@@ -229,7 +232,7 @@ def test_layer_uses_the_fast_op_and_agrees_with_the_reference_path():
     x = torch.randn(2, 5, 96)
     y = layer(x)
     assert "CppNode" in y.grad_fn.next_functions[0][0].name()  # bias add <- the C++ op
-    with kernels.reference_only():
+    with kernels.compute_path("reference"):
         expected = layer(x)
     assert "CppNode" not in expected.grad_fn.next_functions[0][0].name()
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
@@ -258,13 +261,28 @@ def test_bad_arguments_are_clear_errors():
         ops.lut_linear(torch.randn(2, 24), packed, values, 4)
     with pytest.raises(RuntimeError, match="bits must be"):
         ops.lut_linear(torch.randn(2, 16), packed, values, 5)
-    with pytest.raises(RuntimeError, match="unavailable"):
-        cpu.isa("neon")
+    with pytest.raises(SketchtuneError, match="compute path 'neon'"):
+        kernels.set_compute_path("neon")
 
 
-def test_environment_switch_turns_the_kernels_off_silently(monkeypatch):
-    monkeypatch.setattr(cpu, "_loaded", None)
-    monkeypatch.setenv("SKETCHTUNE_CPU_KERNELS", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not cpu.available()
+def test_compute_path_switches_and_restores():
+    x = torch.randn(3, 16)
+    _, packed, values = sketch(8, 16, 4, 2)
+    fast = kernels.lut_linear(x, packed, values, 4)
+    with kernels.compute_path("reference"):
+        assert kernels.current_path() == "reference"
+        with kernels.compute_path("scalar"):
+            assert kernels.current_path() == "scalar"
+        assert kernels.current_path() == "reference"
+        reference = kernels.lut_linear(x, packed, values, 4)
+    assert kernels.current_path() == cpu.isa("best")
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_environment_starts_on_the_reference_path_without_building():
+    script = ("import sketchtune.kernels as k; from sketchtune.kernels import cpu; "
+              "print(k.current_path(), cpu._loaded)")
+    env = {**os.environ, "SKETCHTUNE_KERNELS": "reference"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["reference", "None"]

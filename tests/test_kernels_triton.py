@@ -184,7 +184,7 @@ def test_dispatcher_sends_fast_gpu_tensors_to_triton(monkeypatch):
         layer.values.copy_(values)
         layer.bias.normal_()
     x = randn(3, 48, seed=14)
-    with kernels.reference_only():
+    with kernels.compute_path("reference"):
         expected = layer(x)
     assert not kernels._fast_gpu(x.cpu(), packed.cpu(), values.cpu())
     if DEVICE.type == "cpu":  # pretend the CPU tensors are CUDA ones; no C++ op for them

@@ -4,10 +4,12 @@
 codes. On CPU tensors it runs the C++ op `sketchtune::lut_linear` (built on first use, see
 `kernels.cpu`); on CUDA tensors, when triton is installed, the Triton kernels (`kernels.triton`,
 the same op's CUDA kernels); elsewhere, or if those cannot run, the reference PyTorch path.
+`compute_path` is the one switch between them (and between the CPU instruction sets).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from ..errors import SketchtuneError
 from ..format import unpack_codes
 from . import cpu, reference
 from . import triton as gpu
 
-_fast_enabled = True
+CPU_ISAS = ("avx512", "avx2", "emu16", "scalar")
+PATHS = ("best", "reference", *CPU_ISAS)
+_path = "best"  # the compute path; set at import from $SKETCHTUNE_KERNELS, below
 _unpacked = WeakTensorKeyDictionary()  # packed codes -> (version, unpacked codes)
 
 
@@ -69,7 +74,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:
     # is_cpu, not device.type: a decode step asks this some 200 times per token
     return (
-        _fast_enabled
+        _path != "reference"
         and x.is_cpu
         and codes.is_cpu
         and x.dtype in cpu.FAST_DTYPES
@@ -79,7 +84,7 @@ def _fast_cpu(x: torch.Tensor, codes: torch.Tensor) -> bool:
 
 def _fast_gpu(x: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> bool:
     return (
-        _fast_enabled
+        _path != "reference"
         and x.is_cuda
         and codes.is_cuda
         and values.is_cuda
@@ -99,12 +104,35 @@ def unpacked(codes: torch.Tensor, bits: int, d_in: int) -> torch.Tensor:
     return hit[1]
 
 
+def set_compute_path(name: str) -> None:
+    """Where every lut_linear runs from now on: "best" (the fastest kernels on each device, the
+    default), "reference" (the PyTorch oracle on any device; nothing is built) or one CPU
+    instruction set of `CPU_ISAS` (RuntimeError where it cannot run; CUDA keeps its kernels)."""
+    global _path
+    if name not in PATHS:
+        raise SketchtuneError(f"compute path {name!r}: expected one of {', '.join(PATHS)}")
+    if name != "reference" and cpu.available():
+        cpu.isa(name)
+    _path = name
+
+
+def current_path() -> str:
+    """"reference" while that path runs (or the CPU kernels are unavailable), else the CPU
+    instruction set in use."""
+    return cpu.isa() if _path != "reference" and cpu.available() else "reference"
+
+
 @contextmanager
-def reference_only() -> Iterator[None]:
-    """Run every lut_linear through the reference path inside the block (benchmarks, tests)."""
-    global _fast_enabled
-    previous, _fast_enabled = _fast_enabled, False
+def compute_path(name: str) -> Iterator[None]:
+    """`set_compute_path(name)` inside the block, the previous path after it (tests, benchmarks)."""
+    previous = _path
+    set_compute_path(name)
     try:
         yield
     finally:
-        _fast_enabled = previous
+        set_compute_path(previous)
+
+
+_path = os.environ.get("SKETCHTUNE_KERNELS", "best")  # "reference": start without the kernels
+if _path not in PATHS:
+    raise SketchtuneError(f"SKETCHTUNE_KERNELS={_path!r}: expected one of {', '.join(PATHS)}")

@@ -7,7 +7,6 @@ functions so that torch.compile can trace them.
 
 from __future__ import annotations
 
-import os
 import platform
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ def build_directory() -> Path:
 
 def available() -> bool:
     """Build (first time) and load the kernels; False, after one warning, if that fails.
-    `SKETCHTUNE_CPU_KERNELS=0` turns them off (the reference path runs, silently)."""
+    `kernels.compute_path("reference")` (or `SKETCHTUNE_KERNELS=reference`) never asks."""
     global _loaded
     if _loaded is None:
         _loaded = _load()
@@ -40,15 +39,13 @@ def available() -> bool:
 
 def isa(request: str = "") -> str:
     """The instruction set the kernels use; a name ("avx512", "avx2", "emu16", "scalar",
-    "best") switches to it. Raises RuntimeError if that one cannot run here."""
+    "best") switches to it (through `kernels.set_compute_path`). Raises RuntimeError if that one
+    cannot run here."""
     return torch.ops.sketchtune.cpu_isa(request)
 
 
 def _load() -> bool:
     from torch.utils import cpp_extension
-
-    if os.environ.get("SKETCHTUNE_CPU_KERNELS") == "0":
-        return False
 
     here = Path(__file__).parent
     try:
