@@ -179,6 +179,8 @@ def test_cli_short_finetune_on_sketched_model(sketched_tiny_dir, tiny_task_file,
     assert "of 14 layers" in printed and "data-aware" in printed
     result = json.loads((out / "analyze.json").read_text())
     assert len(result["layers"]) == 14  # 7 projections x 2 blocks
+    finetune = result["finetune"]
+    assert len(finetune["losses"]) == finetune["steps"]  # one logged loss per train step
     first = result["layers"][0]
     assert first["rows_sampled"] == 16 and first["sketch_params"] == first["d_out"] * 2 * 16
     for key in ("rank", "frozen", "free", "rank_h", "frozen_h", "free_h", "rank_h_opt"):

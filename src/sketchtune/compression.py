@@ -29,6 +29,7 @@ from .format import (
     check_settings,
     check_shape,
 )
+from .hessian import InputHessian
 from .layers import SketchLinear
 from .learn import learn_sketch
 
@@ -169,14 +170,10 @@ def _input_hessian(
 ) -> torch.Tensor:
     """H = 2/n Σ x xᵀ over every calibration token reaching `linear` (fp32, (d_in, d_in)), on
     `device`, each calibration batch moved there in turn."""
-    hessian = torch.zeros(linear.in_features, linear.in_features, device=device)
-    count = 0
+    hessian = InputHessian(linear.in_features, device)
 
     def accumulate(_module, args):
-        nonlocal count
-        x = args[0].reshape(-1, linear.in_features).float()  # (tokens, d_in)
-        hessian.addmm_(x.T, x)
-        count += x.shape[0]
+        hessian.add(args[0])
         raise _StopForward  # nothing after this projection is needed for its Hessian
 
     handle = linear.register_forward_pre_hook(accumulate)
@@ -189,7 +186,7 @@ def _input_hessian(
                     pass
     finally:
         handle.remove()
-    return hessian * (2.0 / max(count, 1))
+    return hessian.finish()
 
 
 def _sketch_step(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from .cliargs import option, positive_int
 from .errors import SketchtuneError
@@ -26,6 +27,8 @@ class FinetuneConfig:
     seed: int = option(42, "random seed")
     save_steps: int = option(50, "checkpoint interval", type=positive_int)
     logging_steps: int = 5
+    lr_schedule: Literal["linear", "constant"] = "linear"  # after warm-up
+    checkpoints: bool = True  # every save_steps, for resuming; off for throwaway runs
     max_grad_norm: float = 1.0  # 0 disables clipping
     weight_decay: float = 0.0
     gradient_checkpointing: bool | None = option(None, (

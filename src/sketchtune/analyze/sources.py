@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import time
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import hub
@@ -24,6 +23,7 @@ from ..compression import find_decoder_blocks, sketchable_names
 from ..errors import SketchtuneError
 from ..export import densify
 from ..format import dequantize
+from ..hessian import InputHessian
 from ..learn import learn_sketch
 from ..sources import load_dense
 from ..task_sketch import META_NAME, load_task_sketch, sketched_layers
@@ -176,12 +176,12 @@ def short_finetune(
     subject: Subject, data: str, settings: FinetuneSettings, data_root: str | None = None,
     progress: bool = True,
 ) -> tuple[DeltaOf, dict]:
-    """Full fine-tune of every sketched projection of the dense model (AdamW, loss on responses);
-    ΔW is what the steps changed. The model's weights are restored afterwards."""
-    from torch.utils.data import DataLoader
-
+    """Full fine-tune of every sketched projection of the dense model through `train`'s loop
+    (AdamW at a constant rate, loss on responses, no clipping); ΔW is what the steps changed.
+    The model's weights are restored afterwards."""
     from ..data.tasks import load_examples
-    from ..data.tokens import collate, tokenize_examples
+    from ..data.tokens import tokenize_examples
+    from ..train import FinetuneConfig, LeanLossTrainer, train_model
 
     examples, _ = load_examples(data, "train", data_root)
     wanted = settings.steps * settings.batch_size * 4  # spare for examples over seq_len
@@ -189,9 +189,11 @@ def short_finetune(
     dataset, _ = tokenize_examples(examples, subject.tokenizer, settings.seq_len)
     if len(dataset) == 0:
         raise SketchtuneError(f"no {data} example fits in {settings.seq_len} tokens")
-    loader = DataLoader(
-        dataset, settings.batch_size, shuffle=True, collate_fn=collate(subject.tokenizer),
-        generator=torch.Generator().manual_seed(settings.seed),
+    config = FinetuneConfig(
+        max_steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
+        seq_len=settings.seq_len, seed=settings.seed, warmup=0, lr_schedule="constant",
+        max_grad_norm=0.0, logging_steps=1, checkpoints=False, bf16=False,
+        gradient_checkpointing=False,
     )
     model = subject.model
     weights = [model.get_submodule(name).weight for name in subject.layers]
@@ -199,20 +201,10 @@ def short_finetune(
     model.requires_grad_(False)
     for w in weights:
         w.requires_grad_(True)
-    optimizer = torch.optim.AdamW(weights, lr=settings.lr, weight_decay=0.0)
-    losses, start = [], time.perf_counter()
-    model.train()
-    batches = iter(loader)
-    for _ in tqdm(range(settings.steps), desc="fine-tune steps", disable=not progress):
-        batch = next(batches, None)
-        if batch is None:  # fewer examples than steps need: go round again
-            batches = iter(loader)
-            batch = next(batches)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
+    with tempfile.TemporaryDirectory(prefix="sketchtune-analyze-") as run_dir:
+        trainer, _, seconds = train_model(model, subject.tokenizer, dataset, config,
+                                          Path(run_dir), LeanLossTrainer, progress=progress)
+    losses = [round(log["loss"], 4) for log in trainer.state.log_history if "loss" in log]
     model.eval().requires_grad_(False)
     deltas = {}
     with torch.no_grad():
@@ -221,7 +213,7 @@ def short_finetune(
             w.copy_(w0)
     info = {
         "data": data, "examples": len(dataset), **vars(settings), "losses": losses,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
     return deltas.__getitem__, info
 
@@ -236,7 +228,7 @@ def collect_hessians(
 
     Projections fed the same tensor (q, k, v; gate, up) share one Hessian object.
     """
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, InputHessian] = {}
     owner: dict[str, str] = {}  # layer -> layer whose Hessian it shares
     last: list = [None, ""]  # the input tensor seen last and the layer that owns its Hessian
 
@@ -248,10 +240,9 @@ def collect_hessians(
                 return
             last[0], last[1] = x, name
             owner[name] = name
-            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, d_in)
             if name not in sums:
-                sums[name] = torch.zeros(flat.shape[1], flat.shape[1])
-            sums[name].addmm_(flat.T, flat)
+                sums[name] = InputHessian(x.shape[-1])
+            sums[name].add(x)
 
         return accumulate
 
@@ -263,6 +254,5 @@ def collect_hessians(
     finally:
         for handle in handles:
             handle.remove()
-    scale = 2.0 / windows.numel()
-    hessians = {name: h.mul_(scale) for name, h in sums.items()}
+    hessians = {name: h.finish() for name, h in sums.items()}
     return {name: hessians[owner[name]] for name in layers}
