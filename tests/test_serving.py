@@ -91,10 +91,19 @@ def test_thread_choice_tries_every_count_then_runs_the_fastest(most, choices):
 
 
 def test_a_losing_count_is_probed_ever_more_rarely_and_taken_up_when_it_wins():
-    choice = ThreadChoice(probe_every=16, max_interval=256)
-    busy = simulate(choice, {1: 0.01, 2: 0.5}, 1000, 2)  # two threads ruinous: a busy machine
+    choice = ThreadChoice(probe_every=16, max_interval=256, probe_budget=1.0)
+    busy = simulate(choice, {1: 0.01, 2: 0.02}, 1000, 2)  # two threads slower: a busy machine
     probes = [step for step, n in enumerate(busy) if n == 2]
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps == sorted(gaps) and gaps[-1] == 256 and len(probes) < 12
     quiet = simulate(choice, {1: 0.01, 2: 0.005}, 300, 2)  # quiet again: two threads win
     assert quiet.index(2) <= 256 and quiet[-50:] == [2] * 50
+
+
+@pytest.mark.parametrize("slower", [1.5, 5.0, 40.0])
+def test_probes_of_a_losing_count_stay_within_their_time_budget(slower):
+    choice = ThreadChoice(probe_budget=0.03)
+    seconds = {1: 0.01, 2: 0.01 * slower}
+    used = simulate(choice, seconds, 4000, 2)[100:]  # past the first tries
+    probing = sum(seconds[n] - seconds[1] for n in used)
+    assert probing <= 0.03 * 0.01 * len(used) * 1.1  # 10% slack for where the window cuts

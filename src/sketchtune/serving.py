@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,14 +58,17 @@ def bf16_embeddings(model: PreTrainedModel) -> PreTrainedModel:
 class ThreadChoice:
     """The thread count for one kind of step, chosen by timing: 1, half and all of the caller's
     count are each tried once, then the fastest (by a moving average of seconds per token) runs,
-    and each other count is tried again after an interval that doubles every time it loses
-    (from `probe_every` steps up to `max_interval`), so that a count which is ruinous on a busy
-    machine costs almost nothing, yet is taken up again once the machine quiets down (a probe's
-    time replaces the count's old figure rather than being averaged into it)."""
+    and each other count is tried again after an interval that at least doubles every time it
+    loses (from `probe_every` steps up to `max_interval`) and is long enough that its probes cost
+    at most `probe_budget` of the time (a probe 20x slower than the best waits 19 / budget
+    steps), so that a count which is ruinous on a busy machine costs almost nothing, yet is taken
+    up again once the machine quiets down (a probe's time replaces the count's old figure rather
+    than being averaged into it)."""
 
     def __init__(self, probe_every: int = 16, max_interval: int = 1024,
-                 smoothing: float = 0.25) -> None:
+                 smoothing: float = 0.25, probe_budget: float = 0.03) -> None:
         self.probe_every, self.max_interval, self.smoothing = probe_every, max_interval, smoothing
+        self.probe_budget = probe_budget
         self.seconds: dict[int, float] = {}  # thread count -> smoothed seconds per token
         self.interval: dict[int, int] = {}  # thread count -> steps between its probes
         self.next_probe: dict[int, int] = {}  # thread count -> step of its next probe
@@ -90,9 +94,13 @@ class ThreadChoice:
         self.seconds[used] = previous + self.smoothing * (seconds_per_token - previous)
         self.last_used = used
         choices = [n for n in sorted({1, max(1, most // 2), most}) if n in self.seconds]
-        won = self.best(choices) == used
-        interval = self.probe_every if won else min(
-            2 * self.interval.get(used, self.probe_every // 2), self.max_interval)
+        best = self.best(choices)
+        if best == used:
+            interval = self.probe_every
+        else:
+            extra = self.seconds[used] / self.seconds[best] - 1  # a probe's cost, in best steps
+            interval = min(max(2 * self.interval.get(used, self.probe_every // 2),
+                               math.ceil(extra / self.probe_budget)), self.max_interval)
         self.interval[used] = interval
         self.next_probe[used] = self.steps + interval
         self.steps += 1
