@@ -93,25 +93,13 @@ def decode_token_layers(gpr: int, repeats: int) -> None:
     )
 
 
-def available_isas() -> list[str]:
-    names = []
-    for name in ("avx512", "avx2", "scalar"):
-        try:
-            kernels.set_compute_path(name)
-            names.append(name)
-        except RuntimeError:
-            pass
-    kernels.set_compute_path("best")
-    return names
-
-
 def isa_comparison(d: int, gpr: int, repeats: int) -> None:
     """The 4-bit GEMV of a d x d layer under every instruction set this CPU runs, in turns
     (each call selects its ISA first: a dispatcher call, ~1 us against a ~0.5 ms GEMV)."""
     codes, values = random_sketch(d, d, 4, gpr)
     x = torch.randn(1, d)
     fns = {}
-    for name in available_isas():
+    for name in [n for n in kernels.runnable_cpu_isas() if n != "emu16"]:
         for tables in (values, values.bfloat16()):
             key = (name, str(tables.dtype)[6:])
             fns[key] = lambda n=name, t=tables: (kernels.set_compute_path(n),

@@ -23,19 +23,7 @@ ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17)
 SETTINGS = list(itertools.product((2, 3, 4), (1, 2, 4, 8)))
 
 
-def usable_isas() -> list[str]:
-    found = []
-    for name in ("scalar", "emu16", "avx2", "avx512"):
-        try:
-            kernels.set_compute_path(name)
-            found.append(name)
-        except RuntimeError:
-            pass
-    kernels.set_compute_path("best")
-    return found
-
-
-ISAS = usable_isas()
+ISAS = kernels.runnable_cpu_isas()
 
 
 @pytest.fixture(params=ISAS)

@@ -116,6 +116,22 @@ def set_compute_path(name: str) -> None:
     _path = name
 
 
+def runnable_cpu_isas() -> list[str]:
+    """The instruction sets of `CPU_ISAS` this CPU runs (none where the kernels are unavailable);
+    the one in use stays."""
+    if not cpu.available():
+        return []
+    current, found = cpu.isa(), []
+    for name in CPU_ISAS:
+        try:
+            cpu.isa(name)
+            found.append(name)
+        except RuntimeError:
+            pass
+    cpu.isa(current)
+    return found
+
+
 def current_path() -> str:
     """"reference" while that path runs (or the CPU kernels are unavailable), else the CPU
     instruction set in use."""
