@@ -32,13 +32,13 @@ import csv
 import io
 import json
 import os
-import platform
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from machine import cpu_model, machine_line
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -249,14 +249,6 @@ def run_int8_row(row: Row, args: argparse.Namespace) -> dict:
             "compress_seconds": 0.0}
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def finished_rows(output: Path) -> set[str]:
     return set(json.loads(output.read_text())["rows"]) if output.is_file() else set()
 
@@ -420,8 +412,7 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/compress_pareto.json")
     parser.add_argument("--keep", default="runs/compress_pareto", help="sketched folders kept")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(machine_line(), flush=True)
     settings = {"samples": args.samples, "seq_len": args.seq_len, "heldout": args.heldout,
                 "reference_recipe": asdict(RECIPE)}
     output = Path(args.output)
