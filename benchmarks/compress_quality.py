@@ -10,12 +10,21 @@ a 16-level grid) as a labelled second reference. Rows, in priority order:
 - RTN and HQQ (data-free, fast): 4-bit groups 128/64/32, and HQQ 3-bit group 64;
 - GPTQ with fixed uniform 4-bit grids per group (GPTQ's min-max quantizer, static groups): the
   same Hessians, act order and error compensation as the sketches (`learn.assign_codes`);
-- sketches at bits 4 and 3 (gpr 1/2/4/8, those nearest GPTQ's bits per weight first), then 2.
+- sketches at bits 4 and 3 (gpr 1/2/4/8, those nearest GPTQ's bits per weight first), then 2;
+- mixed sketches (`sketch_mixed-<bpw>`, issue 23 item 3) at each GPTQ row's bits per weight: each
+  projection taken from one of the kept 3- and 4-bit sketches (gpr 1/2/4/8, bf16 or int8 tables),
+  chosen to minimise the summed Hessian-weighted layer losses under the total bit budget
+  (`allocate`: Lagrangian relaxation, then a greedy fill). The int8 candidates' losses are the
+  recorded loss plus the error the int8 rounding adds, measured with each projection's
+  calibration Hessian recomputed through that folder's own sketched model (`int8_losses`).
+  Caveat: the layers come from separate sequential (error-compensated) runs, so a mixed model's
+  later blocks were compensated for slightly different earlier errors than the ones it has.
 
 Bits per weight count what is stored over all projections: codes, plus per group a fp16 scale and
 a `bits`-wide integer zero (GPTQ/RTN, as GPTQ packs qzeros), a fp16 scale and fp16 zero (HQQ), or
 per (row, group) 2**bits bf16 table entries (sketches; int8 entries plus a bf16 scale for the
-`sketch_int8` rows, issue 23 item 3, measured from the kept sketch folders).
+`sketch_int8` rows, issue 23 item 3, measured from the kept sketch folders); a mixed row sums
+its projections' own counts.
 
 Resumable: each finished row is written (atomically) to the JSON and CSV at once, and a rerun with
 the same settings skips the rows already there. The Pareto picture is redrawn after every row.
@@ -29,14 +38,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from machine import cpu_model, machine_line
 from torch import nn
@@ -46,11 +57,14 @@ from sketchtune import compression
 from sketchtune.api import compress, heldout_perplexity, load
 from sketchtune.atomic import write_json_atomic
 from sketchtune.compression import SketchConfig, round_to_storage
+from sketchtune.data.text import calibration_texts, token_windows
+from sketchtune.format import SketchedWeight
+from sketchtune.hessian import InputHessian
 from sketchtune.hub import save_sketched
-from sketchtune.layers import sketched_layers
+from sketchtune.layers import SketchLinear, sketched_layers
 from sketchtune.learn import assign_codes, prepare
 from sketchtune.reference import GRID_FREE_NAME, RECIPE, REPORT_NAME, grid_free_path
-from sketchtune.sources import load_dense
+from sketchtune.sources import load_dense, resolve_model
 
 SOURCES = {"gridfree": GRID_FREE_NAME, "dequantized": "smollm2-135m"}
 LABELS = {
@@ -61,15 +75,20 @@ LABELS = {
 
 @dataclass(frozen=True)
 class Row:
-    method: str  # reference | rtn | hqq | gptq | sketch | sketch_int8 (see int8_tables)
+    # reference | rtn | hqq | gptq | sketch | sketch_int8 (see int8_tables) | sketch_mixed
+    method: str
     source: str  # a key of SOURCES
     bits: int = 16
-    group: int = 0  # columns per group (rtn, hqq, gptq) or groups per row (sketch)
+    # columns per group (rtn, hqq, gptq), groups per row (sketch), or for sketch_mixed the group
+    # of the GPTQ row (of `bits` bits) whose bits per weight is the budget
+    group: int = 0
 
     @property
     def key(self) -> str:
         if self.method == "reference":
             return f"reference-{self.source}"
+        if self.method == "sketch_mixed":
+            return f"sketch_mixed-{mixed_budget(self):.4f}".rstrip("0")
         if self.method == "sketch_int8":
             return f"sketch{self.bits}-gpr{self.group}-int8"
         size = f"gpr{self.group}" if self.method == "sketch" else f"g{self.group}"
@@ -93,7 +112,13 @@ def planned_rows() -> list[Row]:
     rows += [Row("sketch", "gridfree", 2, gpr) for gpr in (1, 2, 4, 8)]
     # The grid effect the grid-free reference removes: group-32 quantizers on the Q4_1 weights.
     rows += [Row(m, "dequantized", 4, 32) for m in ("rtn", "hqq")]
+    # Issue 23 item 3: per-projection choice of sketch under GPTQ's budgets (needs the kept
+    # 3- and 4-bit folders above; skipped until they are all there)
+    rows += [Row("sketch_mixed", "gridfree", 4, g) for g in (128, 64, 32)]
     return rows
+
+
+MIXED_CANDIDATES = [(b, gpr) for b in (4, 3) for gpr in (1, 2, 4, 8)]  # (bits, gpr) folders
 
 
 def projections(model: nn.Module) -> dict[str, nn.Linear]:
@@ -105,6 +130,35 @@ def projections(model: nn.Module) -> dict[str, nn.Linear]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Linear)
     }
+
+
+def projection_names(model: nn.Module) -> dict[str, nn.Module]:
+    """The same projections (nn.Linear or SketchLinear) by their names in the model."""
+    blocks_name, blocks = compression.find_decoder_blocks(model)
+    return {
+        f"{blocks_name}.{index}.{name}": module
+        for index, block in enumerate(blocks)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear | SketchLinear)
+    }
+
+
+@functools.cache
+def projection_shapes(source: str) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every projection of a source, from its config alone (a meta model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model(SOURCES[source]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(m.weight.shape) for name, m in projection_names(model).items()}
+
+
+def mixed_budget(row: Row) -> float:
+    """A mixed row's budget: the bits per weight of GPTQ at the row's bits and group."""
+    shapes = list(projection_shapes(row.source).values())
+    gptq = Row("gptq", row.source, row.bits, row.group)
+    return stored_bits(gptq, shapes) / sum(d_out * d_in for d_out, d_in in shapes)
 
 
 def uniform_grid(weight: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,19 +251,32 @@ def int8_tables(model: nn.Module) -> None:
     """Round every table to int8 levels times one bf16 scale (its absmax / 127): 8 + 16/2**bits
     bits per entry instead of 16; bf16 keeps 8 significant bits, so little should be lost."""
     for layer in sketched_layers(model).values():
-        values = layer.values.data
-        scale = (values.abs().amax(-1, keepdim=True) / 127).to(torch.bfloat16).float()
-        scale = scale.clamp_min(torch.finfo(torch.bfloat16).tiny)
-        values.copy_((values / scale).round().clamp(-127, 127) * scale)
+        int8_layer(layer)
+
+
+def int8_layer(layer: SketchLinear) -> None:
+    """`int8_tables` for one layer, in place."""
+    values = layer.values.data
+    values.copy_(int8_values(values))
+
+
+def int8_values(values: torch.Tensor) -> torch.Tensor:
+    """(..., K) tables rounded to int8 levels times one bf16 scale per table (`int8_tables`)."""
+    scale = (values.abs().amax(-1, keepdim=True) / 127).to(torch.bfloat16).float()
+    scale = scale.clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return (values / scale).round().clamp(-127, 127) * scale
 
 
 def kept_folder(row: Row, args: argparse.Namespace) -> Path:
     return Path(args.keep) / f"sketch{row.bits}-gpr{row.group}"
 
 
-def run_row(row: Row, args: argparse.Namespace) -> dict:
+def run_row(row: Row, args: argparse.Namespace) -> dict | None:
+    """The row's entry, or None when it cannot run yet (a mixed row's folders are missing)."""
     if row.method == "sketch_int8":
         return run_int8_row(row, args)
+    if row.method == "sketch_mixed":
+        return run_mixed_row(row, args)
     model, tokenizer = load_dense(SOURCES[row.source])
     shapes = [tuple(lin.weight.shape) for lin in projections(model).values()]
     start = time.perf_counter()
@@ -247,6 +314,282 @@ def run_int8_row(row: Row, args: argparse.Namespace) -> dict:
     return {**asdict(row), "key": row.key, "bits_per_weight": stored_bits(row, shapes) / weights,
             "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"],
             "compress_seconds": 0.0}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """`allocate`'s answer. `lagrangian_*`: the Lagrangian choice the greedy fill started from
+    (multiplier `lam`); `lower_bound`: the best Lagrangian dual value seen, a lower bound on the
+    optimal loss (and lagrangian_loss - lam * (budget - lagrangian_bits) is another)."""
+
+    choice: tuple[int, ...]  # per layer, the index of its chosen candidate
+    loss: float
+    bits: float
+    lam: float
+    lagrangian_loss: float
+    lagrangian_bits: float
+    lower_bound: float
+
+
+def allocate(
+    losses: Sequence[Sequence[float]], bits: Sequence[Sequence[float]], budget: float,
+    iterations: int = 200,
+) -> Allocation:
+    """Multiple-choice knapsack: one candidate per layer (layer i's candidate j costs bits[i][j]
+    and loses losses[i][j]), minimising the summed loss with the summed bits <= budget.
+
+    Lagrangian relaxation: for a multiplier lam each layer takes argmin loss + lam * bits (ties:
+    fewer bits); bisection finds the smallest lam whose choice fits. The bits that choice leaves
+    unused are then filled greedily: repeatedly the single-layer change that fits with the most
+    loss saved per added bit. Raises ValueError when even the cheapest choice does not fit."""
+    if len(losses) != len(bits) or not losses:
+        raise ValueError("need one candidate list of losses and of bits per layer")
+    width = max(len(c) for c in losses)
+    loss = np.full((len(losses), width), np.inf)
+    cost = np.full((len(losses), width), np.inf)
+    for i, (ls, bs) in enumerate(zip(losses, bits, strict=True)):
+        if len(ls) != len(bs) or not ls:
+            raise ValueError(f"layer {i}: need as many losses as bits, at least one")
+        loss[i, : len(ls)], cost[i, : len(bs)] = ls, bs
+    rows = np.arange(len(losses))
+    valid = np.isfinite(cost)
+    cheapest = np.where(valid, cost, np.inf).min(1).sum()
+    if cheapest > budget:
+        raise ValueError(f"budget {budget} below the cheapest choice ({cheapest} bits)")
+
+    def pick(lam: float) -> tuple[np.ndarray, float]:
+        value = np.where(valid, loss + lam * np.where(valid, cost, 0), np.inf)
+        choice = np.lexsort((loss, cost, value))[:, 0]  # least value, then bits, then loss
+        return choice, float(value[rows, choice].sum() - lam * budget)
+
+    def total(choice: np.ndarray, table: np.ndarray) -> float:
+        return float(table[rows, choice].sum())
+
+    choice, lower_bound = pick(0.0)
+    lam = 0.0
+    if total(choice, cost) > budget:
+        low, high = 0.0, 1.0
+        while total(pick(high)[0], cost) > budget:
+            low, high = high, 2 * high
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            middle_choice, dual = pick(middle)
+            lower_bound = max(lower_bound, dual)
+            if total(middle_choice, cost) <= budget:
+                high = middle
+            else:
+                low = middle
+        lam = high
+        choice, dual = pick(high)
+        lower_bound = max(lower_bound, dual)
+    lagrangian_loss, lagrangian_bits = total(choice, loss), total(choice, cost)
+    while True:  # greedy fill of the bits left over
+        slack = budget - total(choice, cost)
+        saved = loss[rows, choice][:, None] - loss
+        added = cost - cost[rows, choice][:, None]
+        fits = valid & (saved > 0) & (added <= slack)
+        if not fits.any():
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(added > 0, saved / added, np.inf)
+        rate = np.where(fits, rate, -np.inf)
+        i, j = np.unravel_index(np.argmax(rate), rate.shape)
+        choice[i] = j
+    return Allocation(tuple(int(c) for c in choice), total(choice, loss), total(choice, cost),
+                      lam, lagrangian_loss, lagrangian_bits, lower_bound)
+
+
+def calibration_windows(tokenizer, args: argparse.Namespace) -> torch.Tensor:
+    """The calibration windows `compress` took for the sketch rows (its default seed)."""
+    return token_windows(tokenizer, calibration_texts(), args.samples, args.seq_len, seed=0)
+
+
+def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict:
+    """Each projection's input Hessian as `compress_model` takes it (`InputHessian` over the
+    calibration tokens reaching it), from the windows run through `model` itself: in a sketched
+    model every projection sees what it saw while being sketched, the blocks and steps before
+    it already sketched. Projections reading one tensor (q, k, v; gate, up) share one Hessian."""
+    layers = projection_names(model)
+    sums: dict[str, InputHessian] = {}
+    shared: dict[str, str] = {}
+    last: list = [None, None]  # (input tensor, projection that accumulated it)
+
+    def hook(name: str):
+        def accumulate(_module, args):
+            x = args[0]
+            if x is last[0]:
+                shared[name] = last[1]
+                return
+            sums.setdefault(name, InputHessian(x.shape[-1])).add(x)
+            last[0], last[1] = x, name
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                model(input_ids=batch, use_cache=False)
+                last[0] = last[1] = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    finished = {name: h.finish() for name, h in sums.items()}
+    return {name: finished[shared.get(name, name)] for name in layers}
+
+
+def hessian_loss(weight: torch.Tensor, sketch: torch.Tensor, hessian: torch.Tensor,
+                 damp: float) -> float:
+    """GPTQ's loss of replacing `weight` by `sketch`, tr((W - Q) H (W - Q)ᵀ) / 2 with H damped
+    and dead columns handled as `learn.prepare` does: what `assign_codes` sums in its row loss
+    (the errors it records are (W - Q) in the Cholesky basis of the damped H⁻¹)."""
+    w, h = weight.float().clone(), hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0])
+    delta = w - sketch.float()
+    return float(((delta @ h) * delta).sum() / 2)
+
+
+def int8_losses(folder: Path, dense: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
+    """Per projection of a kept sketch folder: its recorded layer loss, the same loss recomputed
+    here (`hessian_loss`, calibration Hessians through the folder's own model: a check on the
+    recomputation), and with its tables rounded by `int8_values`. Cached beside the folder
+    (keyed by its fingerprint and the calibration settings): one calibration pass each."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    cache = folder.with_name(f"{folder.name}.int8-losses.json")
+    key = {"fingerprint": config["fingerprint"], "samples": args.samples,
+           "seq_len": args.seq_len}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["losses"]
+    model = load(folder, values_dtype=torch.float32, serve=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hessians = input_hessians(model, calibration_windows(tokenizer, args))
+    damp = config["learning"]["damp"]
+    losses = {}
+    for name, layer in sketched_layers(model).items():
+        sketch = layer.sketch()
+        int8 = SketchedWeight(sketch.codes, int8_values(sketch.values), sketch.bits,
+                              sketch.in_features)
+        losses[name] = {
+            "recorded": config["layer_losses"][name],
+            "recomputed": hessian_loss(dense[name], sketch.dequantize(), hessians[name], damp),
+            "int8": hessian_loss(dense[name], int8.dequantize(), hessians[name], damp),
+        }
+    write_json_atomic(cache, {"key": key, "losses": losses})
+    return losses
+
+
+def mixed_candidates(args: argparse.Namespace, output: Path) -> list[tuple[int, int]]:
+    """The (bits, gpr) sketch folders finished and kept for the rows in `output`."""
+    done = finished_rows(output)
+    return [(b, gpr) for b, gpr in MIXED_CANDIDATES
+            if Row("sketch", "gridfree", b, gpr).key in done
+            and (kept_folder(Row("sketch", "gridfree", b, gpr), args) / "config.json").is_file()]
+
+
+def run_mixed_row(row: Row, args: argparse.Namespace) -> dict | None:
+    """Each projection from the candidate (bits, gpr, bf16 or int8 tables) that `allocate`
+    picks for the budget, the layer losses as the objective: a bf16 candidate's loss is its
+    folder's recorded one, an int8 candidate's that plus what the rounding adds (int8 minus
+    bf16, both recomputed by `int8_losses`). The model is assembled from the folders' modules
+    and measured as every row; its bits per weight sum each projection's own count."""
+    present = mixed_candidates(args, Path(args.output))
+    missing = [f"sketch{b}-gpr{g}" for b, g in MIXED_CANDIDATES if (b, g) not in present]
+    if not present or (missing and not args.mixed_partial):
+        print(f"{row.key}: skipped, waiting for {', '.join(missing)}", flush=True)
+        return None
+    start = time.perf_counter()
+    shapes = projection_shapes(row.source)
+    budget = mixed_budget(row)
+    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
+    dense_model, _ = load_dense(SOURCES[row.source])
+    dense = {n: m.weight.detach().float() for n, m in projection_names(dense_model).items()}
+    del dense_model
+    options: list[tuple[str, Row]] = []  # (candidate key, its Row for stored_bits)
+    measured: dict[tuple[int, int], dict] = {}
+    for b, gpr in present:
+        measured[b, gpr] = int8_losses(kept_folder(Row("sketch", row.source, b, gpr), args),
+                                       dense, args)
+        options += [(Row(m, row.source, b, gpr).key, Row(m, row.source, b, gpr))
+                    for m in ("sketch", "sketch_int8")]
+    names = list(shapes)
+    losses, costs = [], []
+    for name in names:
+        layer_losses, layer_bits = [], []
+        for _key, option in options:
+            entry = measured[option.bits, option.group][name]
+            added = entry["int8"] - entry["recomputed"] if option.method == "sketch_int8" else 0
+            layer_losses.append(entry["recorded"] + added)
+            layer_bits.append(stored_bits(option, [shapes[name]]))
+        losses.append(layer_losses)
+        costs.append(layer_bits)
+    try:
+        allocation = allocate(losses, costs, budget * weights)
+    except ValueError as err:  # only with --mixed-partial: the folders there cost too much
+        print(f"{row.key}: skipped, {err}", flush=True)
+        return None
+    chosen = {name: options[j] for name, j in zip(names, allocation.choice, strict=True)}
+    model = mixed_model(chosen, args)
+    tokenizer = AutoTokenizer.from_pretrained(kept_folder(chosen[names[0]][1], args))
+    seconds = time.perf_counter() - start
+    ppl = heldout_perplexity(model, tokenizer, args.heldout, args.seq_len, progress=False)
+    stored = sum(stored_bits(option, [shapes[name]]) for name, (_k, option) in chosen.items())
+    counts: dict[str, int] = {}
+    for key, _option in chosen.values():
+        counts[key] = counts.get(key, 0) + 1
+    checks = [e["recomputed"] / e["recorded"] for m in measured.values() for e in m.values()
+              if e["recorded"] > 0]
+    return {
+        **asdict(row), "key": row.key, "bits_per_weight": stored / weights,
+        "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"],
+        "compress_seconds": round(seconds, 1),  # int8 losses (unless cached), allocation, build
+        "loss_sum": allocation.loss,
+        "budget_of": Row("gptq", row.source, row.bits, row.group).key,
+        "budget_bits_per_weight": budget,
+        "candidates": [key for key, _option in options],
+        "missing_candidates": missing,
+        "allocation": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        "choices": {name: key for name, (key, _option) in chosen.items()},
+        "lagrange_multiplier": allocation.lam,
+        "lagrangian_loss_sum": allocation.lagrangian_loss,
+        "lagrangian_bits_per_weight": allocation.lagrangian_bits / weights,
+        "loss_lower_bound": allocation.lower_bound,
+        "recomputed_over_recorded_loss": [min(checks), max(checks)],
+        "note": "layers from separate sequential (error-compensated) runs: a mixed model's "
+                "later blocks were compensated for slightly different earlier errors; int8 "
+                "candidates' losses = recorded loss + (int8 - bf16) Hessian-weighted error, "
+                "Hessians recomputed through each folder's own sketched model",
+    }
+
+
+def mixed_model(chosen: dict[str, tuple[str, Row]], args: argparse.Namespace) -> nn.Module:
+    """One model holding, per projection, the chosen folder's SketchLinear (its tables rounded
+    to int8 for an int8 choice); everything else as stored, the same in every folder (checked)."""
+    by_folder: dict[tuple[int, int], list[str]] = {}
+    for name, (_key, option) in chosen.items():
+        by_folder.setdefault((option.bits, option.group), []).append(name)
+    model = None
+    for (b, gpr), names in by_folder.items():
+        loaded = load(kept_folder(Row("sketch", "gridfree", b, gpr), args),
+                      values_dtype=torch.float32, serve=False)
+        if model is None:
+            model = loaded
+        else:
+            theirs, ours = loaded.state_dict(), model.state_dict()
+            projection_prefixes = tuple(f"{n}." for n in chosen)
+            for key, tensor in theirs.items():
+                if not key.startswith(projection_prefixes) and not torch.equal(tensor, ours[key]):
+                    raise SystemExit(f"sketch{b}-gpr{gpr} differs from the others in {key}")
+        for name in names:
+            layer = loaded.get_submodule(name)
+            if chosen[name][1].method == "sketch_int8":
+                int8_layer(layer)
+            if loaded is not model:
+                model.set_submodule(name, layer)
+    return model
 
 
 def finished_rows(output: Path) -> set[str]:
@@ -310,10 +653,11 @@ def with_ratios(results: dict) -> dict:
 
 
 def verdict(rows: dict) -> list[dict]:
-    """At each GPTQ point: the best sketch at no more bits per weight against GPTQ there and the
-    best HQQ at no more bits (or, when none is that small, HQQ at the same group)."""
-    def best(method: str, limit: float) -> dict | None:
-        fits = [r for r in rows.values() if r["method"] == method and r["source"] == "gridfree"
+    """At each GPTQ point: the best sketch (uniform, int8 tables or mixed) at no more bits per
+    weight against GPTQ there and the best HQQ at no more bits (or, when none is that small, HQQ
+    at the same group)."""
+    def best(methods: tuple[str, ...], limit: float) -> dict | None:
+        fits = [r for r in rows.values() if r["method"] in methods and r["source"] == "gridfree"
                 and r["bits_per_weight"] <= limit + 1e-9]
         return min(fits, key=lambda r: r["perplexity"], default=None)
 
@@ -321,8 +665,8 @@ def verdict(rows: dict) -> list[dict]:
     for gptq in sorted((r for r in rows.values() if r["method"] == "gptq"),
                        key=lambda r: r["bits_per_weight"]):
         bpw = gptq["bits_per_weight"]
-        sketch = best("sketch", bpw)
-        hqq = best("hqq", bpw) or rows.get(f"hqq4-g{gptq['group']}")
+        sketch = best(("sketch", "sketch_int8", "sketch_mixed"), bpw)
+        hqq = best(("hqq",), bpw) or rows.get(f"hqq4-g{gptq['group']}")
         rivals = [gptq["perplexity"]] + ([hqq["perplexity"]] if hqq else [])
         out.append({
             "gptq": gptq["key"], "bits_per_weight": bpw, "gptq_perplexity": gptq["perplexity"],
@@ -373,7 +717,8 @@ def plot_pareto(rows: dict, path: Path) -> None:
     for entry in rows.values():
         if entry["method"] != "reference" and entry["source"] == "gridfree":
             label = {"sketch": f"sketch {entry['bits']}-bit (gpr 1/2/4/8)",
-                     "sketch_int8": f"sketch {entry['bits']}-bit, int8 tables"}.get(
+                     "sketch_int8": f"sketch {entry['bits']}-bit, int8 tables",
+                     "sketch_mixed": "sketch mixed per projection (at GPTQ's bits/weight)"}.get(
                 entry["method"], f"{entry['method'].upper()} {entry['bits']}-bit")
             series.setdefault(label, []).append(entry)
     for label, entries in sorted(series.items()):
@@ -382,8 +727,9 @@ def plot_pareto(rows: dict, path: Path) -> None:
         ys = [r["perplexity"] for r in entries]
         ax.plot(xs, ys, marker="o", label=label)
         for r in entries:
-            ax.annotate(f"{r['group']}" if r["method"].startswith("sketch") else f"g{r['group']}",
-                        (r["bits_per_weight"], r["perplexity"]), fontsize=7,
+            text = (f"{r['group']}" if r["method"] in ("sketch", "sketch_int8")
+                    else "" if r["method"] == "sketch_mixed" else f"g{r['group']}")
+            ax.annotate(text, (r["bits_per_weight"], r["perplexity"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     for source, style in (("gridfree", "-"), ("dequantized", ":")):
         reference = rows.get(f"reference-{source}")
@@ -411,6 +757,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these row keys")
     parser.add_argument("--output", default="benchmarks/results/compress_pareto.json")
     parser.add_argument("--keep", default="runs/compress_pareto", help="sketched folders kept")
+    parser.add_argument("--mixed-partial", action="store_true",
+                        help="measure the sketch_mixed rows from the candidate folders there "
+                        "are (default: skip them until every 3- and 4-bit folder is kept)")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     settings = {"samples": args.samples, "seq_len": args.seq_len, "heldout": args.heldout,
@@ -424,6 +773,9 @@ def main() -> None:
         if row.key in finished_rows(output) or not claim(output, row.key):
             continue
         entry = run_row(row, args)
+        if entry is None:  # not runnable yet: leave it to a later run
+            (claims_folder(output) / row.key).unlink()
+            continue
         results["rows"][row.key] = entry
         write_outputs(results, output)
         (claims_folder(output) / row.key).unlink()
