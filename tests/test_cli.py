@@ -161,3 +161,20 @@ def test_bad_compress_placement_is_one_error_line(tmp_path, tiny_model_dir, caps
     assert code == 2 and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    from sketchtune import cli
+    from sketchtune.errors import SketchtuneError
+
+    def failing(_args):
+        for step in tqdm(range(3), desc="work"):  # a bar left open, as a loop that raises leaves it
+            if step == 1:
+                raise SketchtuneError("bad input")
+
+    monkeypatch.setattr(cli, "cmd_demo", failing)  # build_parser binds the command by name
+    assert main(["demo"]) == 2
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "error: bad input" in lines

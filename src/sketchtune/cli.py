@@ -235,14 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """A bar left open by the failure ends without a newline: close it, so that the message
+    starts a line of its own."""
+    tqdm = sys.modules.get("tqdm.std")  # never imported: no bar to close
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())) if tqdm is not None else ():
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (SketchtuneError, FormatError) as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         return 130
     return 0
