@@ -170,9 +170,9 @@ def test_an_error_during_a_progress_bar_starts_its_own_line(monkeypatch, capsys)
     from sketchtune.errors import SketchtuneError
 
     def failing(_args):
-        for step in tqdm(range(3), desc="work"):  # a bar left open, as a loop that raises leaves it
-            if step == 1:
-                raise SketchtuneError("bad input")
+        bar = tqdm(total=3, desc="work")  # updated by hand: left open by the failure
+        bar.update()
+        raise SketchtuneError("bad input")
 
     monkeypatch.setattr(cli, "cmd_demo", failing)  # build_parser binds the command by name
     assert main(["demo"]) == 2
