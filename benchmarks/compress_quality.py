@@ -54,12 +54,12 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from sketchtune import compression
+from sketchtune.analyze.sources import collect_hessians
 from sketchtune.api import compress, heldout_perplexity, load
 from sketchtune.atomic import write_json_atomic
 from sketchtune.compression import SketchConfig, round_to_storage
 from sketchtune.data.text import calibration_texts, token_windows
 from sketchtune.format import SketchedWeight
-from sketchtune.hessian import InputHessian
 from sketchtune.hub import save_sketched
 from sketchtune.layers import SketchLinear, sketched_layers
 from sketchtune.learn import assign_codes, prepare
@@ -409,32 +409,7 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 4)
     calibration tokens reaching it), from the windows run through `model` itself: in a sketched
     model every projection sees what it saw while being sketched, the blocks and steps before
     it already sketched. Projections reading one tensor (q, k, v; gate, up) share one Hessian."""
-    layers = projection_names(model)
-    sums: dict[str, InputHessian] = {}
-    shared: dict[str, str] = {}
-    last: list = [None, None]  # (input tensor, projection that accumulated it)
-
-    def hook(name: str):
-        def accumulate(_module, args):
-            x = args[0]
-            if x is last[0]:
-                shared[name] = last[1]
-                return
-            sums.setdefault(name, InputHessian(x.shape[-1])).add(x)
-            last[0], last[1] = x, name
-        return accumulate
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                model(input_ids=batch, use_cache=False)
-                last[0] = last[1] = None
-    finally:
-        for handle in handles:
-            handle.remove()
-    finished = {name: h.finish() for name, h in sums.items()}
-    return {name: finished[shared.get(name, name)] for name in layers}
+    return collect_hessians(model, list(projection_names(model)), windows, batch_size)
 
 
 def hessian_loss(weight: torch.Tensor, sketch: torch.Tensor, hessian: torch.Tensor,
