@@ -46,6 +46,7 @@ from sketchtune.atomic import write_json_atomic
 from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
 from sketchtune.layers import SketchLinear
+from sketchtune.memory import resident_bytes
 from sketchtune.serving import bf16_embeddings, serving_disabled
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
@@ -98,11 +99,6 @@ def profile(model, inputs, new_tokens: int = 16) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         decode_seconds(model, inputs, new_tokens)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_above_baseline(fn) -> int:

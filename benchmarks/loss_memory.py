@@ -19,9 +19,9 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from sketchtune.atomic import write_json_atomic
+from sketchtune.memory import high_water_bytes, reset_high_water
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -50,15 +50,6 @@ def random_sketched_llama():
     return model.train()
 
 
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-
-
-def peak_rss() -> int:
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-
-
 def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bool) -> dict:
     import torch
 
@@ -78,7 +69,7 @@ def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bo
     bf16 = native_bf16()
     autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
     release_free_heap()  # the dense weights the sketch layers replaced
-    reset_peak_rss()
+    reset_high_water()
     losses, start = [], time.perf_counter()
     for _ in range(steps):
         with autocast:
@@ -89,7 +80,7 @@ def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bo
         losses.append(loss.item())
     return {"variant": variant, "checkpointing": checkpointing, "bf16": bf16, "losses": losses,
             "seconds_per_step": (time.perf_counter() - start) / steps,
-            "peak_rss_bytes": peak_rss()}
+            "peak_rss_bytes": high_water_bytes()}
 
 
 def main() -> None:

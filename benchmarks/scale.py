@@ -48,6 +48,12 @@ sys.path.insert(0, str(HERE))  # machine.py, decode.py, train_vs_lora.py, loss_m
 from machine import machine_line  # noqa: E402
 
 from sketchtune.atomic import write_json_atomic  # noqa: E402
+from sketchtune.memory import (  # noqa: E402
+    high_water_bytes,
+    peak_rss_bytes,
+    reset_high_water,
+    resident_bytes,
+)
 
 COMMON = dict(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2,
               rms_norm_eps=1e-5)
@@ -124,34 +130,22 @@ def counts(shape: str | dict) -> dict:
 
 # --------------------------------------------------------------------------- process memory ---
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class PeakTracker:
     """The process's peak RSS (VmHWM) over windows: `window()` restarts the high-water mark from
     the current RSS (Linux /proc/self/clear_refs) and returns the peak of the window just closed;
     the whole-process peak is kept across windows (a reset would hide it from getrusage)."""
 
     def __init__(self) -> None:
-        self.process_peak = self.hwm()
-
-    @staticmethod
-    def hwm() -> int:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+        self.process_peak = high_water_bytes()
 
     def window(self) -> int:
-        peak = self.hwm()
+        peak = high_water_bytes()
         self.process_peak = max(self.process_peak, peak)
-        Path("/proc/self/clear_refs").write_text("5")
+        reset_high_water()
         return peak
 
     def final(self) -> int:
-        from sketchtune.memory import peak_rss_bytes
-
-        self.process_peak = max(self.process_peak, self.hwm(), peak_rss_bytes())
+        self.process_peak = max(self.process_peak, high_water_bytes(), peak_rss_bytes())
         return self.process_peak
 
 
@@ -206,7 +200,7 @@ def work_compress(shape: str, paths: dict, args) -> dict:
     from sketchtune.compression import SketchConfig
 
     tracker = PeakTracker()
-    runtime_rss = current_rss()
+    runtime_rss = resident_bytes()
     phases = {"hessians": 0.0, "tables (k-means)": 0.0, "codes (error compensation)": 0.0}
     learn_extra = [0]  # the most one learn_sketch call adds above its entry RSS
     saved = {}
@@ -223,7 +217,7 @@ def work_compress(shape: str, paths: dict, args) -> dict:
     def windowed(fn):
         def wrapper(*a, **k):
             tracker.window()
-            entry = current_rss()
+            entry = resident_bytes()
             try:
                 return fn(*a, **k)
             finally:
@@ -233,7 +227,7 @@ def work_compress(shape: str, paths: dict, args) -> dict:
     save = hub.save_sketched
 
     def save_marked(*a, **k):
-        saved["peak_before_save"] = max(tracker.process_peak, tracker.hwm())
+        saved["peak_before_save"] = max(tracker.process_peak, high_water_bytes())
         start = time.perf_counter()
         out = save(*a, **k)
         saved["save_seconds"] = time.perf_counter() - start
@@ -298,7 +292,7 @@ def work_load(which: str, paths: dict, args) -> dict:
     peak = peak_rss_bytes()
     assert model is not None
     return {"seconds": seconds, "peak_rss_bytes": peak, "peak_above_imports_bytes": peak - before,
-            "rss_after_bytes": current_rss()}
+            "rss_after_bytes": resident_bytes()}
 
 
 def autocast_on(args) -> bool:
@@ -389,12 +383,12 @@ def work_train(method: str, shape: str, paths: dict, args) -> dict:
     from train_vs_lora import held_bytes
 
     tracker = PeakTracker()
-    imports_rss = current_rss()
+    imports_rss = resident_bytes()
     batch = training_batch(args, batch_vocab(paths, shape))
     start = time.perf_counter()
     trainee = Trainee(method, paths, args, use_checkpointing(shape, args))
     build_seconds = time.perf_counter() - start
-    built_rss = current_rss()
+    built_rss = resident_bytes()
     first, loss = trainee.step(batch)
     tracker.window()
     times, losses = [], [loss]
@@ -402,7 +396,7 @@ def work_train(method: str, shape: str, paths: dict, args) -> dict:
         seconds, loss = trainee.step(batch)
         times.append(seconds)
         losses.append(loss)
-    step_peak = tracker.hwm()
+    step_peak = high_water_bytes()
     model_bytes, optimizer_bytes = held_bytes(trainee.model, trainee.optimizer)
     return {
         "trainable_parameters": trainee.trainable(), "lora_rank": trainee.rank,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import resource
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +19,25 @@ def peak_rss_bytes() -> int:
     """The highest resident set size this process has reached so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def high_water_bytes() -> int:
+    """The peak resident size since the process started or since `reset_high_water` (Linux
+    VmHWM)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+def reset_high_water() -> None:
+    """Restart the high-water mark (VmHWM, and with it getrusage's peak) from the current resident
+    size (Linux: /proc/self/clear_refs), so that a later read measures one phase."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
