@@ -121,19 +121,9 @@ def planned_rows() -> list[Row]:
 MIXED_CANDIDATES = [(b, gpr) for b in (4, 3) for gpr in (1, 2, 4, 8)]  # (bits, gpr) folders
 
 
-def projections(model: nn.Module) -> dict[str, nn.Linear]:
-    """The decoder blocks' linear projections: what every method compresses."""
-    _, blocks = compression.find_decoder_blocks(model)
-    return {
-        f"{index}.{name}": module
-        for index, block in enumerate(blocks)
-        for name, module in block.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-
-
 def projection_names(model: nn.Module) -> dict[str, nn.Module]:
-    """The same projections (nn.Linear or SketchLinear) by their names in the model."""
+    """The decoder blocks' linear projections, what every method compresses (nn.Linear, or
+    SketchLinear once sketched), by their names in the model."""
     blocks_name, blocks = compression.find_decoder_blocks(model)
     return {
         f"{blocks_name}.{index}.{name}": module
@@ -185,7 +175,7 @@ def dequantize_grouped(tables: torch.Tensor, group_of: torch.Tensor, codes: torc
 
 
 def apply_rtn(model: nn.Module, bits: int, group: int) -> None:
-    for linear in projections(model).values():
+    for linear in projection_names(model).values():
         w = linear.weight.detach().float()
         tables, group_of = uniform_grid(w, group, bits)
         codes = (w[..., None] - tables[:, group_of, :]).abs().argmin(-1)
@@ -197,7 +187,7 @@ def apply_hqq(model: nn.Module, bits: int, group: int) -> None:
     input dimension (axis=1), fp16 scale and zero as HQQ stores them."""
     from hqq.core.quantize import Quantizer
 
-    for linear in projections(model).values():
+    for linear in projection_names(model).values():
         quantized, meta = Quantizer.quantize(
             linear.weight.detach().float(), nbits=bits, group_size=group, axis=1,
             optimize=True, bitpack=False, compute_dtype=torch.float16, device="cpu",
@@ -278,7 +268,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict | None:
     if row.method == "sketch_mixed":
         return run_mixed_row(row, args)
     model, tokenizer = load_dense(SOURCES[row.source])
-    shapes = [tuple(lin.weight.shape) for lin in projections(model).values()]
+    shapes = [tuple(lin.weight.shape) for lin in projection_names(model).values()]
     start = time.perf_counter()
     entry: dict = {}
     if row.method == "sketch":
