@@ -77,7 +77,12 @@ def test_layer_losses_round_trip_and_older_folders_have_none():
 
     config = SketchFormatConfig(4, 2, ["a.q"], layer_losses={"a.q": 0.5})
     again = SketchFormatConfig.from_dict(config.to_dict())
-    assert again.layer_losses == {"a.q": 0.5} and again.format_version == FORMAT_VERSION == 3
+    assert again.layer_losses == {"a.q": 0.5} and again.format_version == FORMAT_VERSION == 4
+    version3 = {k: v for k, v in config.to_dict().items()
+                if k not in ("table_encoding", "module_settings")}
+    version3["format_version"] = 3  # before int8 tables and per-projection settings
+    read = SketchFormatConfig.from_dict(version3)
+    assert read.table_encoding_of("a.q") == "float" and read.settings_of("a.q") == (4, 2)
     old = config.to_dict()
     del old["layer_losses"]
     old["format_version"] = 2

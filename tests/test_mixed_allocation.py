@@ -1,17 +1,14 @@
-"""benchmarks/compress_quality.py `allocate`: one candidate per layer under a total bit budget
+"""`mixing.allocate`: one candidate per layer under a total bit budget
 (multiple-choice knapsack: Lagrangian relaxation, then a greedy fill), against brute force."""
 
 from __future__ import annotations
 
 import itertools
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compress_quality import allocate  # noqa: E402
+from sketchtune.mixing import allocate
 
 
 def brute_force(losses, bits, budget):

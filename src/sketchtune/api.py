@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import hub
+from . import hub, mixing
 from .atomic import check_output_dir
 from .compression import SketchConfig, compress_model
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
@@ -19,6 +19,7 @@ from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
 from .memory import peak_rss_bytes
+from .mixing import MixConfig
 from .serving import serving_disabled
 from .sources import load_dense, load_tokenizer, open_source_streaming
 from .task_sketch import apply_task_sketch, load_task_sketch
@@ -138,6 +139,23 @@ def compress_to_folder(
         "device": str(device),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
     }
+
+
+def mix_to_folder(
+    folders: list[str | os.PathLike],
+    output: str | os.PathLike,
+    config: MixConfig,
+    force: bool = False,
+    max_shard_size: int | str = hub.DEFAULT_MAX_SHARD_SIZE,
+) -> dict:
+    """One sketched folder from several of the same base: each projection from the folder that
+    `mixing.allocate` picks under `config.bits_per_weight`. Returns the plan's summary."""
+    check_output_dir(output, force)
+    plan = mixing.plan_mix([mixing.open_candidate(f) for f in folders], config.bits_per_weight)
+    model = mixing.mix(plan)
+    tokenizer = load_tokenizer(plan.candidates[0].folder)
+    hub.save_sketched(model, tokenizer, output, force=force, max_shard_size=max_shard_size)
+    return {"output": str(output), **plan.summary()}
 
 
 def heldout_perplexity(

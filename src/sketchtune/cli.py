@@ -15,6 +15,7 @@ from .devices import DEVICE_HELP
 from .errors import SketchtuneError
 from .finetune_config import FinetuneConfig
 from .format import FormatError
+from .mixing import MixConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -45,6 +46,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
         args.model, args.output, config, args.samples, args.seq_len, args.calib, args.seed,
         force=args.force, device=args.device, max_shard_size=args.max_shard_size,
     )
+    _print_json(summary)
+
+
+def cmd_mix(args: argparse.Namespace) -> None:
+    from .api import mix_to_folder
+
+    summary = mix_to_folder(args.folders, args.output, config_from_args(MixConfig, args),
+                            force=args.force, max_shard_size=args.max_shard_size)
     _print_json(summary)
 
 
@@ -148,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors file; bigger models are sharded (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("mix", help="one sketch from several of the same model under a bit budget")
+    p.add_argument("folders", nargs="+", help="sketched folders of one base (from compress)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_options(p, MixConfig)
+    p.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest safetensors file; bigger models are sharded (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("generate", help="generate text with a (sketched) model")
     p.add_argument("model")

@@ -24,12 +24,15 @@ from .errors import SketchtuneError
 from .format import (
     SUPPORTED_BITS,
     SUPPORTED_GPR,
+    TABLE_ENCODINGS,
     SketchedWeight,
     SketchFormatConfig,
     check_settings,
     check_shape,
+    dequantize,
+    round_int8_tables,
 )
-from .hessian import InputHessian
+from .hessian import InputHessian, weighted_error
 from .layers import SketchLinear
 from .learn import learn_sketch
 
@@ -49,9 +52,17 @@ class SketchConfig:
     column_batch: int = 128  # GPTQ's lazy-update width, in columns (a block is a decoder block)
     kmeans: Literal["exact", "lloyd"] = option("exact", "1-D k-means: exact (DP) or Lloyd")
     data_aware: bool = option(True, "plain per-row k-means, no calibration", flag="plain")
+    table_encoding: str = option(
+        "float", "how tables are stored: float (bf16) or int8 (levels times a power of two per "
+        "table: 8 + 8/2**bits bits per entry instead of 16)", choices=TABLE_ENCODINGS,
+    )
 
     def __post_init__(self) -> None:
         check_settings(self.bits, self.gpr)
+        if self.table_encoding not in TABLE_ENCODINGS:
+            raise SketchtuneError(
+                f"table_encoding must be one of {TABLE_ENCODINGS}, got {self.table_encoding!r}"
+            )
         if self.kmeans not in ("exact", "lloyd"):
             raise SketchtuneError(f"kmeans must be 'exact' or 'lloyd', got {self.kmeans!r}")
         if not 0 < self.damp < 1:
@@ -209,6 +220,13 @@ def _sketch_step(
         kmeans=config.kmeans,
     )
     values = values.to(STORAGE_DTYPE).float()  # what is saved is exactly what runs
+    if config.table_encoding == "int8":
+        rounded = round_int8_tables(values)
+        if row_loss is not None:  # the loss the rounding adds, after the codes were chosen
+            before = weighted_error(stacked, dequantize(codes, values), hessian, config.damp)
+            after = weighted_error(stacked, dequantize(codes, rounded), hessian, config.damp)
+            row_loss = row_loss + after - before
+        values = rounded
     rows = [lin.out_features for lin in linears]
     for name, lin, c, v in zip(names, linears, codes.split(rows), values.split(rows), strict=True):
         bias = None if lin.bias is None else lin.bias.detach().to(STORAGE_DTYPE).float()
@@ -320,6 +338,7 @@ def compress_model(
         dense_projections=left_dense,
         learning=config.to_dict(),
         layer_losses=layer_losses,
+        table_encoding=config.table_encoding,
     )
     return sketched
 

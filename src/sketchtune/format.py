@@ -29,13 +29,19 @@ QUANT_METHOD = "sketchtune"
 # 1: folders written before the version was recorded (same layout as 2, no format_version key).
 # 2: format_version, packing and dense_projections recorded.
 # 3: layer_losses recorded (same tensors as 1 and 2).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: table_encoding ("int8": `<module>.values` stored as int8 levels beside
+#    `<module>.values_exponent`, see `encode_int8_tables`) and module_settings (bits and gpr of
+#    the projections that differ from the folder's own, as `sketchtune mix` writes).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Task sketches (task_sketch.py) are versioned on their own: their layout has not changed since 2.
 TASK_SKETCH_VERSION = 2
 TASK_SKETCH_READABLE_VERSIONS = (1, 2)
 PACKING = "lsb-first"  # the first code of a packing unit in the lowest bits (see pack_codes)
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+TABLE_ENCODINGS = ("float", "int8")  # tables in storage_dtype, or int8 levels (version 4)
+EXPONENT_SUFFIX = "values_exponent"  # the int8 encoding's second tensor per sketched module
+INT8_LEVEL = 127
 
 
 class FormatError(SketchtuneError, ValueError):
@@ -114,6 +120,39 @@ def dequantize(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 2, grouped).reshape(d_out, d_in)
 
 
+def encode_int8_tables(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) tables -> int8 levels (..., K) and one power-of-two exponent per table (..., 1),
+    table ≈ level * 2**exponent, the exponent the smallest that keeps |level| <= 127.
+
+    8 + 8/K bits per entry instead of 16, and exact in bf16 (a level needs 7 significant bits,
+    bf16 holds 8), so the tables run as stored on the bf16 fast path."""
+    absmax = values.detach().abs().amax(-1, keepdim=True).float()
+    exponent = torch.ceil(torch.log2(absmax / INT8_LEVEL)).clamp(-100, 100)  # 0 -> -inf -> -100
+    exponent += (absmax / torch.exp2(exponent) > INT8_LEVEL).float()  # log2's rounding
+    levels = (values.detach().float() / torch.exp2(exponent)).round().clamp(-INT8_LEVEL, INT8_LEVEL)
+    return levels.to(torch.int8), exponent.to(torch.int8)
+
+
+def decode_int8_tables(
+    levels: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The tables `encode_int8_tables` encoded, in `dtype` (exact in bf16, fp16 and fp32)."""
+    return (levels.float() * torch.exp2(exponent.float())).to(dtype)
+
+
+def round_int8_tables(values: torch.Tensor) -> torch.Tensor:
+    """The tables as the int8 encoding stores them, in their own dtype."""
+    return decode_int8_tables(*encode_int8_tables(values), values.dtype)
+
+
+def stored_bits(d_out: int, d_in: int, bits: int, gpr: int, table_encoding: str) -> int:
+    """Bits one sketched (d_out, d_in) weight takes on disk: its codes and its tables (bf16
+    entries, or int8 entries plus an int8 exponent per table)."""
+    entries = d_out * gpr * (1 << bits)
+    tables = 16 * entries if table_encoding == "float" else 8 * entries + 8 * d_out * gpr
+    return d_out * d_in * bits + tables
+
+
 @dataclass
 class SketchedWeight:
     """A weight matrix in sketch form: packed codes plus the per-(row, group) value tables."""
@@ -157,7 +196,9 @@ class SketchFormatConfig:
     block projections whose shapes the settings could not sketch, left dense; `fingerprint`:
     `hub.base_fingerprint` of the codes; `learning`: the `SketchConfig` that learned them;
     `layer_losses`: each sketched projection's error-compensation loss (`learn.LayerSketch`),
-    empty for plain k-means and for folders written before version 3.
+    empty for plain k-means and for folders written before version 3. `table_encoding`: how
+    `values` are stored (TABLE_ENCODINGS); `module_settings`: {module: {"bits", "groups_per_row",
+    "table_encoding"}} for projections stored otherwise than the folder's own (version 4).
     """
 
     bits: int
@@ -168,12 +209,22 @@ class SketchFormatConfig:
     dense_projections: list[str] = field(default_factory=list)
     learning: dict = field(default_factory=dict)
     layer_losses: dict[str, float] = field(default_factory=dict)
+    table_encoding: str = "float"
+    module_settings: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     packing: str = PACKING
     quant_method: str = QUANT_METHOD
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def settings_of(self, module: str) -> tuple[int, int]:
+        """(bits, groups per row) of one sketched module."""
+        own = self.module_settings.get(module, {})
+        return own.get("bits", self.bits), own.get("groups_per_row", self.groups_per_row)
+
+    def table_encoding_of(self, module: str) -> str:
+        return self.module_settings.get(module, {}).get("table_encoding", self.table_encoding)
 
     @classmethod
     def from_dict(cls, raw: object) -> SketchFormatConfig:
@@ -222,6 +273,12 @@ class SketchFormatConfig:
                 f"quantization_config storage_dtype {self.storage_dtype!r} is not one of "
                 f"{STORAGE_DTYPES}"
             )
+        if self.table_encoding not in TABLE_ENCODINGS:
+            raise FormatError(
+                f"quantization_config table_encoding {self.table_encoding!r} is not one of "
+                f"{TABLE_ENCODINGS}"
+            )
+        self._check_module_settings()
         if not isinstance(self.learning, dict):
             raise FormatError("quantization_config learning must be an object")
         losses = self.layer_losses
@@ -229,3 +286,24 @@ class SketchFormatConfig:
             isinstance(k, str) and type(v) in (int, float) for k, v in losses.items()
         ):
             raise FormatError("quantization_config layer_losses must map module names to numbers")
+
+    def _check_module_settings(self) -> None:
+        settings = self.module_settings
+        if not isinstance(settings, dict) or not all(
+            isinstance(own, dict) for own in settings.values()
+        ):
+            raise FormatError("quantization_config module_settings must map names to objects")
+        strangers = sorted(set(settings) - set(self.modules))
+        if strangers:
+            raise FormatError(f"quantization_config module_settings names {strangers[:3]}, "
+                              "which are not sketched modules")
+        for name, own in settings.items():
+            numbers = [own[key] for key in ("bits", "groups_per_row") if key in own]
+            if set(own) - {"bits", "groups_per_row", "table_encoding"} or not all(
+                type(number) is int for number in numbers
+            ) or self.table_encoding_of(name) not in TABLE_ENCODINGS:
+                raise FormatError(
+                    f"quantization_config module_settings[{name!r}] may hold integer bits and "
+                    f"groups_per_row and a table_encoding of {TABLE_ENCODINGS}"
+                )
+            check_settings(*self.settings_of(name))

@@ -18,7 +18,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import SketchtuneError, corrupt_checkpoint
-from .format import QUANT_METHOD, SketchFormatConfig
+from .format import EXPONENT_SUFFIX, QUANT_METHOD, SketchFormatConfig, decode_int8_tables
 from .layers import SketchLinear, base_fingerprint, sketched_layers
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ def install_shells(
     model: torch.nn.Module, config: SketchFormatConfig, values_dtype: torch.dtype
 ) -> None:
     """Swap each listed projection for a meta SketchLinear of the right shape (values in
-    `values_dtype`: the loader casts each stored tensor to its shell's dtype)."""
+    `values_dtype`: the loader casts each stored tensor to its shell's dtype; int8-encoded tables
+    also get their exponents' buffer, which `decode_tables` folds in after loading)."""
     for name in config.modules:
         try:
             dense = model.get_submodule(name)
@@ -55,12 +56,27 @@ def install_shells(
         if not isinstance(dense, torch.nn.Linear):
             kind = type(dense).__name__
             raise SketchtuneError(f"sketched module {name} is a {kind}, not a Linear")
+        bits, gpr = config.settings_of(name)
         shell = SketchLinear(
-            dense.in_features, dense.out_features, config.bits, config.groups_per_row,
+            dense.in_features, dense.out_features, bits, gpr,
             bias=dense.bias is not None, device="meta",
         )
         shell.values.data = shell.values.data.to(values_dtype)
+        if config.table_encoding_of(name) == "int8":  # the levels load as stored (no grad: int)
+            shell.values = torch.nn.Parameter(shell.values.data.to(torch.int8), requires_grad=False)
+            exponent = torch.zeros(dense.out_features, gpr, 1, dtype=torch.int8, device="meta")
+            shell.register_buffer(EXPONENT_SUFFIX, exponent)
         model.set_submodule(name, shell)
+
+
+def decode_tables(model: torch.nn.Module) -> None:
+    """Int8 levels times their power-of-two exponents, as bf16 tables (exact); the exponents'
+    buffers go (the model then holds tables as any other does)."""
+    for layer in sketched_layers(model).values():
+        exponent = layer._buffers.pop(EXPONENT_SUFFIX, None)
+        if exponent is not None:
+            tables = decode_int8_tables(layer.values.data, exponent, torch.bfloat16)
+            layer.values = torch.nn.Parameter(tables)
 
 
 def read_headers(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -77,8 +93,11 @@ def read_headers(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return headers
 
 
-def check_checkpoint(model: PreTrainedModel, headers: dict, where: str) -> None:
-    """Every tensor the skeleton needs is stored with its shape; codes are uint8, the rest float."""
+def check_checkpoint(
+    model: PreTrainedModel, headers: dict, where: str, int8: set[str] = frozenset()
+) -> None:
+    """Every tensor the skeleton needs is stored with its shape; codes are uint8, int8-encoded
+    tables and their exponents int8, the rest float."""
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(headers) - tied)
@@ -96,6 +115,11 @@ def check_checkpoint(model: PreTrainedModel, headers: dict, where: str) -> None:
             )
         if key.endswith(".codes") and dtype != "U8":
             raise SketchtuneError(f"checkpoint tensor {key} is {dtype}; codes must be U8")
+        module = key.rpartition(".")[0]
+        if key.endswith(f".{EXPONENT_SUFFIX}") or module in int8 and key.endswith(".values"):
+            if dtype != "I8":
+                raise SketchtuneError(f"checkpoint tensor {key} is {dtype}; int8 tables are I8")
+            continue
         if key.endswith(".values") and dtype not in VALUE_DTYPES:
             raise SketchtuneError(f"checkpoint tensor {key} is {dtype}; values must be a float")
         if not key.endswith(".codes") and dtype not in VALUE_DTYPES:  # else cast silently
@@ -132,9 +156,16 @@ class SketchtuneHfQuantizer(HfQuantizer):
                   if f"{name}.values" in headers}
         # Tables as stored (bf16 for folders we write): lossless, and the CPU GEMV reads them
         # directly. Training promotes them to fp32 masters (SketchLinear.train).
-        values_dtype = VALUE_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
-        install_shells(model, self.quantization_config, values_dtype)
-        check_checkpoint(model, headers, files[0] if len(files) == 1 else f"{len(files)} shards")
+        config = self.quantization_config
+        int8 = {name for name in config.modules if config.table_encoding_of(name) == "int8"}
+        stored.discard("I8")  # int8 levels: decoded to bf16 after loading (exact)
+        if int8 and not stored:
+            values_dtype = torch.bfloat16
+        else:
+            values_dtype = VALUE_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+        install_shells(model, config, values_dtype)
+        where = files[0] if len(files) == 1 else f"{len(files)} shards"
+        check_checkpoint(model, headers, where, int8)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
         # Imported here: this module is imported while transformers itself is loading (see
@@ -142,6 +173,7 @@ class SketchtuneHfQuantizer(HfQuantizer):
         from .serving import serve
         from .task_sketch import attach_task_sketch_switching
 
+        decode_tables(model)
         check_loaded(model, self.quantization_config)
         for name, param in model.named_parameters():
             param.requires_grad_(name.endswith(".values"))

@@ -23,7 +23,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .atomic import atomic_directory
 from .compression import STORAGE_DTYPE
 from .errors import SketchtuneError, corrupt_checkpoint
-from .format import QUANT_METHOD, FormatError, SketchFormatConfig
+from .format import (
+    EXPONENT_SUFFIX,
+    QUANT_METHOD,
+    FormatError,
+    SketchFormatConfig,
+    encode_int8_tables,
+    round_int8_tables,
+)
 from .layers import base_fingerprint, sketched_layers
 
 WEIGHTS_NAME = "model.safetensors"
@@ -137,6 +144,7 @@ def save_sketched(
         name: (t.to(STORAGE_DTYPE) if t.is_floating_point() else t).contiguous().cpu()
         for name, t in unique_state(model).items()
     }
+    quant = encode_tables(state, quant)
     with atomic_directory(path, force) as temp:
         config = model.config.to_dict()
         config["quantization_config"] = quant.to_dict()
@@ -149,6 +157,22 @@ def save_sketched(
         write_safetensors(state, temp, max_shard_size)
     model.config.quantization_config = quant
     return Path(path)
+
+
+def encode_tables(state: dict[str, torch.Tensor], quant: SketchFormatConfig) -> SketchFormatConfig:
+    """Int8-encode in place the tables of `state` whose module the config stores so. Tables off
+    the int8 grid (values trained since) are all kept as floats, and the config says so: a save
+    never rounds them silently."""
+    tables = {name: state[f"{name}.values"] for name in quant.modules
+              if quant.table_encoding_of(name) == "int8"}
+    if not all(torch.equal(round_int8_tables(t), t) for t in tables.values()):
+        settings = {name: {k: v for k, v in own.items() if k != "table_encoding"}
+                    for name, own in quant.module_settings.items()}
+        return replace(quant, table_encoding="float",
+                       module_settings={name: own for name, own in settings.items() if own})
+    for name, table in tables.items():
+        state[f"{name}.values"], state[f"{name}.{EXPONENT_SUFFIX}"] = encode_int8_tables(table)
+    return quant
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
