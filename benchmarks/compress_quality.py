@@ -11,20 +11,22 @@ a 16-level grid) as a labelled second reference. Rows, in priority order:
 - GPTQ with fixed uniform 4-bit grids per group (GPTQ's min-max quantizer, static groups): the
   same Hessians, act order and error compensation as the sketches (`learn.assign_codes`);
 - sketches at bits 4 and 3 (gpr 1/2/4/8, those nearest GPTQ's bits per weight first), then 2;
-- mixed sketches (`sketch_mixed-<bpw>`, issue 23 item 3) at each GPTQ row's bits per weight: each
-  projection taken from one of the kept 3- and 4-bit sketches (gpr 1/2/4/8, bf16 or int8 tables),
-  chosen to minimise the summed Hessian-weighted layer losses under the total bit budget
-  (`allocate`: Lagrangian relaxation, then a greedy fill). The int8 candidates' losses are the
-  recorded loss plus the error the int8 rounding adds, measured with each projection's
-  calibration Hessian recomputed through that folder's own sketched model (`int8_losses`).
-  Caveat: the layers come from separate sequential (error-compensated) runs, so a mixed model's
-  later blocks were compensated for slightly different earlier errors than the ones it has.
+- int8-table sketches (`sketchB-gprG-int8`, issue 23 item 3): the kept sketch folders with their
+  tables in the format's int8 encoding (`format.round_int8_tables`: int8 levels times a power of
+  two per table), written as folders of their own (`int8_folder`) and measured as loaded;
+- mixed sketches (`sketch_mixed-<bpw>`, issue 23 item 3) at each GPTQ row's bits per weight:
+  `sketchtune mix` (`mixing.plan_mix` + `mixing.mix`) over the kept 3- and 4-bit folders, bf16
+  and int8 (gpr 1/2/4/8): each projection from the folder that minimises the summed recorded
+  layer losses under the budget. An int8 folder's recorded losses are the bf16 folder's plus the
+  error the rounding adds, measured with each projection's calibration Hessian recomputed through
+  that folder's own sketched model (`int8_losses`). Caveat: the layers come from separate
+  sequential (error-compensated) runs, so a mixed model's later blocks were compensated for
+  slightly different earlier errors than the ones it has.
 
 Bits per weight count what is stored over all projections: codes, plus per group a fp16 scale and
 a `bits`-wide integer zero (GPTQ/RTN, as GPTQ packs qzeros), a fp16 scale and fp16 zero (HQQ), or
-per (row, group) 2**bits bf16 table entries (sketches; int8 entries plus a bf16 scale for the
-`sketch_int8` rows, issue 23 item 3, measured from the kept sketch folders); a mixed row sums
-its projections' own counts.
+per (row, group) 2**bits bf16 table entries (sketches; int8 entries plus an int8 exponent for the
+int8 rows): `format.stored_bits`; a mixed row sums its projections' own counts.
 
 Resumable: each finished row is written (atomically) to the JSON and CSV at once, and a rerun with
 the same settings skips the rows already there. The Pareto picture is redrawn after every row.
@@ -43,11 +45,10 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from machine import cpu_model, machine_line
 from torch import nn
@@ -59,10 +60,14 @@ from sketchtune.api import compress, heldout_perplexity, load
 from sketchtune.atomic import write_json_atomic
 from sketchtune.compression import SketchConfig, round_to_storage
 from sketchtune.data.text import calibration_texts, token_windows
-from sketchtune.format import SketchedWeight
-from sketchtune.hub import save_sketched
+from sketchtune.errors import SketchtuneError
+from sketchtune.format import SketchedWeight, round_int8_tables
+from sketchtune.format import stored_bits as sketch_bits
+from sketchtune.hessian import weighted_error
+from sketchtune.hub import format_of, save_sketched, sketch_config_of
 from sketchtune.layers import SketchLinear, sketched_layers
 from sketchtune.learn import assign_codes, prepare
+from sketchtune.mixing import mix, open_candidate, plan_mix
 from sketchtune.reference import GRID_FREE_NAME, RECIPE, REPORT_NAME, grid_free_path
 from sketchtune.sources import load_dense, resolve_model
 
@@ -75,7 +80,7 @@ LABELS = {
 
 @dataclass(frozen=True)
 class Row:
-    # reference | rtn | hqq | gptq | sketch | sketch_int8 (see int8_tables) | sketch_mixed
+    # reference | rtn | hqq | gptq | sketch | sketch_int8 (see int8_folder) | sketch_mixed
     method: str
     source: str  # a key of SOURCES
     bits: int = 16
@@ -106,7 +111,7 @@ def planned_rows() -> list[Row]:
     # are met by 4-bit gpr 1 and 3-bit gpr 1/2; then the rest of 4 and 3 bits; 2 bits last.
     order = [(4, 1), (3, 1), (4, 2), (3, 2), (4, 4), (3, 4), (4, 8), (3, 8)]
     rows += [Row("sketch", "gridfree", b, gpr) for b, gpr in order[:4]]
-    # Issue 23 item 3: the same sketches with int8 tables (a bf16 scale per table)
+    # Issue 23 item 3: the same sketches with int8 tables (the format's int8 encoding)
     rows += [Row("sketch_int8", "gridfree", b, gpr) for b, gpr in order[:4]]
     rows += [Row("sketch", "gridfree", b, gpr) for b, gpr in order[4:]]
     rows += [Row("sketch", "gridfree", 2, gpr) for gpr in (1, 2, 4, 8)]
@@ -226,35 +231,14 @@ def stored_bits(row: Row, shapes: list[tuple[int, int]]) -> int:
     total = 0
     for d_out, d_in in shapes:
         codes = row.bits * d_out * d_in
-        if row.method == "sketch":
-            total += codes + 16 * d_out * row.group * (1 << row.bits)
-        elif row.method == "sketch_int8":
-            total += codes + (8 * (1 << row.bits) + 16) * d_out * row.group
+        if row.method in ("sketch", "sketch_int8"):
+            encoding = "int8" if row.method == "sketch_int8" else "float"
+            total += sketch_bits(d_out, d_in, row.bits, row.group, encoding)
         elif row.method == "hqq":  # groups of the flattened weight (HQQ reshapes to (-1, g))
             total += codes + 32 * (d_out * d_in // row.group)
         else:  # gptq, rtn: fp16 scale + bits-wide zero per (row, group)
             total += codes + (16 + row.bits) * d_out * -(-d_in // row.group)
     return total
-
-
-def int8_tables(model: nn.Module) -> None:
-    """Round every table to int8 levels times one bf16 scale (its absmax / 127): 8 + 16/2**bits
-    bits per entry instead of 16; bf16 keeps 8 significant bits, so little should be lost."""
-    for layer in sketched_layers(model).values():
-        int8_layer(layer)
-
-
-def int8_layer(layer: SketchLinear) -> None:
-    """`int8_tables` for one layer, in place."""
-    values = layer.values.data
-    values.copy_(int8_values(values))
-
-
-def int8_values(values: torch.Tensor) -> torch.Tensor:
-    """(..., K) tables rounded to int8 levels times one bf16 scale per table (`int8_tables`)."""
-    scale = (values.abs().amax(-1, keepdim=True) / 127).to(torch.bfloat16).float()
-    scale = scale.clamp_min(torch.finfo(torch.bfloat16).tiny)
-    return (values / scale).round().clamp(-127, 127) * scale
 
 
 def kept_folder(row: Row, args: argparse.Namespace) -> Path:
@@ -293,100 +277,17 @@ def run_row(row: Row, args: argparse.Namespace) -> dict | None:
 
 
 def run_int8_row(row: Row, args: argparse.Namespace) -> dict:
-    """The kept sketch folder of the same bits and gpr, its tables rounded by `int8_tables`."""
-    folder = kept_folder(row, args)
+    """The kept sketch folder of the same bits and gpr in the int8 encoding (`int8_folder`),
+    loaded as users load it."""
+    folder = int8_folder(row.bits, row.group, args)
     model = load(folder, values_dtype=torch.float32, serve=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     shapes = [(lin.out_features, lin.in_features) for lin in sketched_layers(model).values()]
-    int8_tables(model)
     ppl = heldout_perplexity(model, tokenizer, args.heldout, args.seq_len, progress=False)
     weights = sum(d_out * d_in for d_out, d_in in shapes)
     return {**asdict(row), "key": row.key, "bits_per_weight": stored_bits(row, shapes) / weights,
             "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"],
-            "compress_seconds": 0.0}
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """`allocate`'s answer. `lagrangian_*`: the Lagrangian choice the greedy fill started from
-    (multiplier `lam`); `lower_bound`: the best Lagrangian dual value seen, a lower bound on the
-    optimal loss (and lagrangian_loss - lam * (budget - lagrangian_bits) is another)."""
-
-    choice: tuple[int, ...]  # per layer, the index of its chosen candidate
-    loss: float
-    bits: float
-    lam: float
-    lagrangian_loss: float
-    lagrangian_bits: float
-    lower_bound: float
-
-
-def allocate(
-    losses: Sequence[Sequence[float]], bits: Sequence[Sequence[float]], budget: float,
-    iterations: int = 200,
-) -> Allocation:
-    """Multiple-choice knapsack: one candidate per layer (layer i's candidate j costs bits[i][j]
-    and loses losses[i][j]), minimising the summed loss with the summed bits <= budget.
-
-    Lagrangian relaxation: for a multiplier lam each layer takes argmin loss + lam * bits (ties:
-    fewer bits); bisection finds the smallest lam whose choice fits. The bits that choice leaves
-    unused are then filled greedily: repeatedly the single-layer change that fits with the most
-    loss saved per added bit. Raises ValueError when even the cheapest choice does not fit."""
-    if len(losses) != len(bits) or not losses:
-        raise ValueError("need one candidate list of losses and of bits per layer")
-    width = max(len(c) for c in losses)
-    loss = np.full((len(losses), width), np.inf)
-    cost = np.full((len(losses), width), np.inf)
-    for i, (ls, bs) in enumerate(zip(losses, bits, strict=True)):
-        if len(ls) != len(bs) or not ls:
-            raise ValueError(f"layer {i}: need as many losses as bits, at least one")
-        loss[i, : len(ls)], cost[i, : len(bs)] = ls, bs
-    rows = np.arange(len(losses))
-    valid = np.isfinite(cost)
-    cheapest = np.where(valid, cost, np.inf).min(1).sum()
-    if cheapest > budget:
-        raise ValueError(f"budget {budget} below the cheapest choice ({cheapest} bits)")
-
-    def pick(lam: float) -> tuple[np.ndarray, float]:
-        value = np.where(valid, loss + lam * np.where(valid, cost, 0), np.inf)
-        choice = np.lexsort((loss, cost, value))[:, 0]  # least value, then bits, then loss
-        return choice, float(value[rows, choice].sum() - lam * budget)
-
-    def total(choice: np.ndarray, table: np.ndarray) -> float:
-        return float(table[rows, choice].sum())
-
-    choice, lower_bound = pick(0.0)
-    lam = 0.0
-    if total(choice, cost) > budget:
-        low, high = 0.0, 1.0
-        while total(pick(high)[0], cost) > budget:
-            low, high = high, 2 * high
-        for _ in range(iterations):
-            middle = (low + high) / 2
-            middle_choice, dual = pick(middle)
-            lower_bound = max(lower_bound, dual)
-            if total(middle_choice, cost) <= budget:
-                high = middle
-            else:
-                low = middle
-        lam = high
-        choice, dual = pick(high)
-        lower_bound = max(lower_bound, dual)
-    lagrangian_loss, lagrangian_bits = total(choice, loss), total(choice, cost)
-    while True:  # greedy fill of the bits left over
-        slack = budget - total(choice, cost)
-        saved = loss[rows, choice][:, None] - loss
-        added = cost - cost[rows, choice][:, None]
-        fits = valid & (saved > 0) & (added <= slack)
-        if not fits.any():
-            break
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(added > 0, saved / added, np.inf)
-        rate = np.where(fits, rate, -np.inf)
-        i, j = np.unravel_index(np.argmax(rate), rate.shape)
-        choice[i] = j
-    return Allocation(tuple(int(c) for c in choice), total(choice, loss), total(choice, cost),
-                      lam, lagrangian_loss, lagrangian_bits, lower_bound)
+            "loss_sum": sum(format_of(model).layer_losses.values()), "compress_seconds": 0.0}
 
 
 def calibration_windows(tokenizer, args: argparse.Namespace) -> torch.Tensor:
@@ -402,29 +303,16 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 4)
     return collect_hessians(model, list(projection_names(model)), windows, batch_size)
 
 
-def hessian_loss(weight: torch.Tensor, sketch: torch.Tensor, hessian: torch.Tensor,
-                 damp: float) -> float:
-    """GPTQ's loss of replacing `weight` by `sketch`, tr((W - Q) H (W - Q)ᵀ) / 2 with H damped
-    and dead columns handled as `learn.prepare` does: what `assign_codes` sums in its row loss
-    (the errors it records are (W - Q) in the Cholesky basis of the damped H⁻¹)."""
-    w, h = weight.float().clone(), hessian.float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * h.diagonal().mean() * torch.eye(h.shape[0])
-    delta = w - sketch.float()
-    return float(((delta @ h) * delta).sum() / 2)
-
-
 def int8_losses(folder: Path, dense: dict[str, torch.Tensor], args: argparse.Namespace) -> dict:
     """Per projection of a kept sketch folder: its recorded layer loss, the same loss recomputed
-    here (`hessian_loss`, calibration Hessians through the folder's own model: a check on the
-    recomputation), and with its tables rounded by `int8_values`. Cached beside the folder
-    (keyed by its fingerprint and the calibration settings): one calibration pass each."""
+    here (`hessian.weighted_error`, calibration Hessians through the folder's own model: a check
+    on the recomputation), and with its tables in the int8 encoding. Cached beside the folder
+    (keyed by its fingerprint, the encoding and the calibration settings): one calibration pass
+    each."""
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     cache = folder.with_name(f"{folder.name}.int8-losses.json")
     key = {"fingerprint": config["fingerprint"], "samples": args.samples,
-           "seq_len": args.seq_len}
+           "seq_len": args.seq_len, "encoding": "int8 levels x 2**exponent (format 4)"}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
@@ -436,15 +324,41 @@ def int8_losses(folder: Path, dense: dict[str, torch.Tensor], args: argparse.Nam
     losses = {}
     for name, layer in sketched_layers(model).items():
         sketch = layer.sketch()
-        int8 = SketchedWeight(sketch.codes, int8_values(sketch.values), sketch.bits,
+        int8 = SketchedWeight(sketch.codes, round_int8_tables(sketch.values), sketch.bits,
                               sketch.in_features)
         losses[name] = {
             "recorded": config["layer_losses"][name],
-            "recomputed": hessian_loss(dense[name], sketch.dequantize(), hessians[name], damp),
-            "int8": hessian_loss(dense[name], int8.dequantize(), hessians[name], damp),
+            "recomputed": float(weighted_error(dense[name], sketch.dequantize(),
+                                               hessians[name], damp).sum()),
+            "int8": float(weighted_error(dense[name], int8.dequantize(), hessians[name],
+                                         damp).sum()),
         }
     write_json_atomic(cache, {"key": key, "losses": losses})
     return losses
+
+
+def int8_folder(bits: int, gpr: int, args: argparse.Namespace) -> Path:
+    """`<keep>/sketch<bits>-gpr<gpr>-int8`: the kept folder with its tables int8-encoded and its
+    recorded losses raised by what the rounding adds (`int8_losses`), made once."""
+    source = kept_folder(Row("sketch", "gridfree", bits, gpr), args)
+    folder = source.with_name(f"{source.name}-int8")
+    fingerprint = json.loads((source / "config.json").read_text())["quantization_config"][
+        "fingerprint"]
+    if (folder / "config.json").is_file() and sketch_config_of(folder).fingerprint == fingerprint:
+        return folder
+    dense_model, _ = load_dense(SOURCES["gridfree"])
+    dense = {n: m.weight.detach().float() for n, m in projection_names(dense_model).items()}
+    del dense_model
+    measured = int8_losses(source, dense, args)
+    model = load(source, values_dtype=torch.float32, serve=False)
+    for layer in sketched_layers(model).values():
+        layer.values.data = round_int8_tables(layer.values.data)
+    quant = format_of(model)
+    quant.table_encoding = "int8"
+    quant.layer_losses = {name: entry["recorded"] + entry["int8"] - entry["recomputed"]
+                          for name, entry in measured.items()}
+    save_sketched(model, AutoTokenizer.from_pretrained(source), folder, force=True)
+    return folder
 
 
 def mixed_candidates(args: argparse.Namespace, output: Path) -> list[tuple[int, int]]:
@@ -456,105 +370,58 @@ def mixed_candidates(args: argparse.Namespace, output: Path) -> list[tuple[int, 
 
 
 def run_mixed_row(row: Row, args: argparse.Namespace) -> dict | None:
-    """Each projection from the candidate (bits, gpr, bf16 or int8 tables) that `allocate`
-    picks for the budget, the layer losses as the objective: a bf16 candidate's loss is its
-    folder's recorded one, an int8 candidate's that plus what the rounding adds (int8 minus
-    bf16, both recomputed by `int8_losses`). The model is assembled from the folders' modules
-    and measured as every row; its bits per weight sum each projection's own count."""
+    """`sketchtune mix` at the budget over the kept 3- and 4-bit folders, bf16 and int8
+    (`int8_folder`), measured as every row; its bits per weight sum each projection's count."""
     present = mixed_candidates(args, Path(args.output))
     missing = [f"sketch{b}-gpr{g}" for b, g in MIXED_CANDIDATES if (b, g) not in present]
     if not present or (missing and not args.mixed_partial):
         print(f"{row.key}: skipped, waiting for {', '.join(missing)}", flush=True)
         return None
     start = time.perf_counter()
-    shapes = projection_shapes(row.source)
-    budget = mixed_budget(row)
-    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
-    dense_model, _ = load_dense(SOURCES[row.source])
-    dense = {n: m.weight.detach().float() for n, m in projection_names(dense_model).items()}
-    del dense_model
-    options: list[tuple[str, Row]] = []  # (candidate key, its Row for stored_bits)
-    measured: dict[tuple[int, int], dict] = {}
+    folders = []
     for b, gpr in present:
-        measured[b, gpr] = int8_losses(kept_folder(Row("sketch", row.source, b, gpr), args),
-                                       dense, args)
-        options += [(Row(m, row.source, b, gpr).key, Row(m, row.source, b, gpr))
-                    for m in ("sketch", "sketch_int8")]
-    names = list(shapes)
-    losses, costs = [], []
-    for name in names:
-        layer_losses, layer_bits = [], []
-        for _key, option in options:
-            entry = measured[option.bits, option.group][name]
-            added = entry["int8"] - entry["recomputed"] if option.method == "sketch_int8" else 0
-            layer_losses.append(entry["recorded"] + added)
-            layer_bits.append(stored_bits(option, [shapes[name]]))
-        losses.append(layer_losses)
-        costs.append(layer_bits)
+        folders += [kept_folder(Row("sketch", row.source, b, gpr), args),
+                    int8_folder(b, gpr, args)]
+    candidates = [open_candidate(f) for f in folders]
+    budget = mixed_budget(row)
     try:
-        allocation = allocate(losses, costs, budget * weights)
-    except ValueError as err:  # only with --mixed-partial: the folders there cost too much
+        plan = plan_mix(candidates, budget)
+    except SketchtuneError as err:  # only with --mixed-partial: the folders there cost too much
         print(f"{row.key}: skipped, {err}", flush=True)
         return None
-    chosen = {name: options[j] for name, j in zip(names, allocation.choice, strict=True)}
-    model = mixed_model(chosen, args)
-    tokenizer = AutoTokenizer.from_pretrained(kept_folder(chosen[names[0]][1], args))
+    model = mix(plan)
+    for layer in sketched_layers(model).values():  # fp32 tables, as the other sketch rows run
+        layer.values.data = layer.values.data.float()
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
     seconds = time.perf_counter() - start
     ppl = heldout_perplexity(model, tokenizer, args.heldout, args.seq_len, progress=False)
-    stored = sum(stored_bits(option, [shapes[name]]) for name, (_k, option) in chosen.items())
-    counts: dict[str, int] = {}
-    for key, _option in chosen.values():
-        counts[key] = counts.get(key, 0) + 1
-    checks = [e["recomputed"] / e["recorded"] for m in measured.values() for e in m.values()
-              if e["recorded"] > 0]
+    checks = [e["recomputed"] / e["recorded"]
+              for f in folders if not f.name.endswith("-int8")
+              for e in json.loads(f.with_name(f"{f.name}.int8-losses.json").read_text())[
+                  "losses"].values() if e["recorded"] > 0]
+    allocation = plan.allocation
     return {
-        **asdict(row), "key": row.key, "bits_per_weight": stored / weights,
+        **asdict(row), "key": row.key, "bits_per_weight": plan.bits_per_weight,
         "perplexity": ppl["perplexity"], "nll_per_token": ppl["nll_per_token"],
-        "compress_seconds": round(seconds, 1),  # int8 losses (unless cached), allocation, build
+        "compress_seconds": round(seconds, 1),  # int8 folders (unless made), allocation, build
         "loss_sum": allocation.loss,
         "budget_of": Row("gptq", row.source, row.bits, row.group).key,
         "budget_bits_per_weight": budget,
-        "candidates": [key for key, _option in options],
+        "candidates": [f.name for f in folders],
         "missing_candidates": missing,
-        "allocation": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-        "choices": {name: key for name, (key, _option) in chosen.items()},
+        "allocation": plan.summary()["modules_from"],
+        "choices": {name: folders[i].name for name, i in plan.choice.items()},
         "lagrange_multiplier": allocation.lam,
         "lagrangian_loss_sum": allocation.lagrangian_loss,
-        "lagrangian_bits_per_weight": allocation.lagrangian_bits / weights,
+        "lagrangian_bits_per_weight": allocation.lagrangian_bits / plan.weights,
         "loss_lower_bound": allocation.lower_bound,
         "recomputed_over_recorded_loss": [min(checks), max(checks)],
-        "note": "layers from separate sequential (error-compensated) runs: a mixed model's "
-                "later blocks were compensated for slightly different earlier errors; int8 "
-                "candidates' losses = recorded loss + (int8 - bf16) Hessian-weighted error, "
-                "Hessians recomputed through each folder's own sketched model",
+        "note": "sketchtune mix over the kept folders; layers from separate sequential "
+                "(error-compensated) runs: a mixed model's later blocks were compensated for "
+                "slightly different earlier errors; int8 folders' losses = recorded loss + "
+                "(int8 - bf16) Hessian-weighted error, Hessians recomputed through each "
+                "folder's own sketched model",
     }
-
-
-def mixed_model(chosen: dict[str, tuple[str, Row]], args: argparse.Namespace) -> nn.Module:
-    """One model holding, per projection, the chosen folder's SketchLinear (its tables rounded
-    to int8 for an int8 choice); everything else as stored, the same in every folder (checked)."""
-    by_folder: dict[tuple[int, int], list[str]] = {}
-    for name, (_key, option) in chosen.items():
-        by_folder.setdefault((option.bits, option.group), []).append(name)
-    model = None
-    for (b, gpr), names in by_folder.items():
-        loaded = load(kept_folder(Row("sketch", "gridfree", b, gpr), args),
-                      values_dtype=torch.float32, serve=False)
-        if model is None:
-            model = loaded
-        else:
-            theirs, ours = loaded.state_dict(), model.state_dict()
-            projection_prefixes = tuple(f"{n}." for n in chosen)
-            for key, tensor in theirs.items():
-                if not key.startswith(projection_prefixes) and not torch.equal(tensor, ours[key]):
-                    raise SystemExit(f"sketch{b}-gpr{gpr} differs from the others in {key}")
-        for name in names:
-            layer = loaded.get_submodule(name)
-            if chosen[name][1].method == "sketch_int8":
-                int8_layer(layer)
-            if loaded is not model:
-                model.set_submodule(name, layer)
-    return model
 
 
 def finished_rows(output: Path) -> set[str]:
