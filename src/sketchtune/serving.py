@@ -172,9 +172,16 @@ class _Served:
         return compute if compute is not None else super().dtype
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate, or for plain greedy decoding of one sequence of a Llama-family
+        model the same tokens from `fast_decode.FastDecoder` (a fraction of the per-token
+        overhead)."""
+        from . import fast_decode
+
         governor = getattr(self, "_decode_threads", None)
         with governor.generating() if governor is not None else contextlib.nullcontext():
-            return super().generate(*args, **kwargs)
+            if not _FAST_DECODE.get() or not fast_decode.eligible(self, args, kwargs):
+                return super().generate(*args, **kwargs)
+            return fast_decode.generate(self, args, kwargs, governor)
 
 
 _SERVED_CLASSES: dict[type, type] = {}
@@ -199,6 +206,18 @@ def decode_threads(model: PreTrainedModel) -> DecodeThreads:
 
 
 _SERVING = contextvars.ContextVar("sketchtune_serving", default=True)
+_FAST_DECODE = contextvars.ContextVar("sketchtune_fast_decode", default=True)
+
+
+@contextlib.contextmanager
+def fast_decode_disabled() -> Iterator[None]:
+    """Served models' `generate` runs transformers' own loop within this block (benchmarks and
+    tests compare the two)."""
+    token = _FAST_DECODE.set(False)
+    try:
+        yield
+    finally:
+        _FAST_DECODE.reset(token)
 
 
 @contextlib.contextmanager
