@@ -33,20 +33,37 @@ def test_greedy_tokens_equal_transformers_generate(served):
         assert torch.equal(fast, reference)
 
 
-def test_logits_of_the_fast_step_match_the_model(served):
+@pytest.mark.parametrize("layer_op", [False, True])
+def test_logits_of_the_fast_steps_match_the_model(served, layer_op):
+    """Against the model's own forward over the whole sequence: the prompt through the Python
+    loop, then three new tokens through it or through the C++ `decode_layer` op."""
     from sketchtune.fast_decode import FastDecoder
 
     decoder = FastDecoder(served)
-    total = PROMPT.shape[1] + 1
-    shape = (1, decoder.kv_heads, total, decoder.head_dim)
+    fused = decoder._fused_arguments() if layer_op else None
+    if layer_op:
+        assert all(arguments is not None for arguments in fused)  # every layer takes the op
+    new = PROMPT[:, :3]
+    sequence = torch.cat([PROMPT, new], dim=1)
+    shape = (1, decoder.kv_heads, sequence.shape[1], decoder.head_dim)
     caches = [(torch.empty(shape), torch.empty(shape)) for _ in decoder.layers]
-    cos, sin = decoder._rotary(total)
+    cos, sin = decoder._rotary(sequence.shape[1])
     with torch.no_grad():
-        prompt_logits = decoder._step(PROMPT, 0, caches, cos, sin)
-        step_logits = decoder._step(PROMPT[:, :1], PROMPT.shape[1], caches, cos, sin)
-        full = served(torch.cat([PROMPT, PROMPT[:, :1]], dim=1)).logits.float()
-    torch.testing.assert_close(prompt_logits, full[:, -2], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(step_logits, full[:, -1], rtol=1e-4, atol=1e-4)
+        full = served(sequence).logits.float()
+        logits = [decoder._step(PROMPT, 0, caches, cos, sin, fused)]
+        for i in range(new.shape[1]):
+            logits.append(decoder._step(new[:, i:i + 1], PROMPT.shape[1] + i, caches, cos, sin,
+                                        fused))
+    for i, step in enumerate(logits):
+        torch.testing.assert_close(step, full[:, PROMPT.shape[1] - 1 + i], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_kernels_keep_the_python_loop(served):
+    from sketchtune import kernels
+    from sketchtune.fast_decode import FastDecoder
+
+    with kernels.compute_path("reference"):
+        assert FastDecoder(served)._fused_arguments() == [None] * len(served.model.layers)
 
 
 def test_other_generate_calls_go_to_transformers(served):

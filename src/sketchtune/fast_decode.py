@@ -7,6 +7,9 @@ preallocated for the whole generation, rotary tables computed once by the model'
 module, and the model's own modules (embedding, projections, head) called directly, so that the
 sketched projections run through the same kernels. The served model's `generate` takes it for
 plain greedy decoding of one sequence (`eligible`) and falls back to transformers' otherwise.
+When every projection of a layer is sketched and the CPU kernels run, each new token's layer is
+one call of the C++ op `sketchtune::decode_layer` (the same arithmetic, no tensor ops around the
+GEMVs); the prompt and other layers run the Python loop.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
+from .layers import SketchLinear
 
 # The model classes whose decoder layer is exactly: RMSNorm, attention (q/k/v/o, rotary, causal
 # softmax), residual, RMSNorm, SiLU-gated MLP, residual.
@@ -137,15 +143,49 @@ class FastDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def _fused_arguments(self) -> list[tuple | None]:
+        """Per layer, the tensors `decode_layer` takes after x, or None where a projection is
+        not sketched, a table not fp32/bf16, or the CPU kernels do not run (read afresh for
+        each generation: training or a task sketch may have replaced the tables)."""
+        if kernels.current_path() == "reference":
+            return [None] * len(self.layers)
+        arguments = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                       mlp.up_proj, mlp.down_proj]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if not all(type(m) is SketchLinear and not m._forward_hooks and not
+                       m._forward_pre_hooks and m.values.dtype in (torch.float32, torch.bfloat16)
+                       for m in modules) or any(n.dtype != torch.float32 for n in norms):
+                arguments.append(None)
+                continue
+            empty = torch.empty(0)
+            arguments.append((
+                norms[0].contiguous(), norms[1].contiguous(), self.eps,
+                [m.codes.contiguous() for m in modules],
+                [m.values.detach().contiguous() for m in modules], [m.bits for m in modules],
+                [empty if m.bias is None else m.bias.detach().float().contiguous()
+                 for m in modules],
+            ))
+        return arguments
+
     def _step(self, ids: torch.Tensor, start: int, caches: list, cos: torch.Tensor,
-              sin: torch.Tensor) -> torch.Tensor:
-        """Run positions start..start+T-1 of ids (1, T); returns the last position's logits."""
+              sin: torch.Tensor, fused: list[tuple | None] | None = None) -> torch.Tensor:
+        """Run positions start..start+T-1 of ids (1, T); returns the last position's logits.
+        `fused`: `_fused_arguments`, for a single new token."""
         length = ids.shape[1]
         end = start + length
         x = self.model.model.embed_tokens(ids)  # (1, T, hidden)
         cos_t, sin_t = cos[start:end], sin[start:end]  # (T, head_dim)
-        for layer, (keys, values) in zip(self.layers, caches, strict=True):
+        for index, (layer, (keys, values)) in enumerate(zip(self.layers, caches, strict=True)):
             attn = layer.self_attn
+            if fused is not None and length == 1 and fused[index] is not None:
+                x = torch.ops.sketchtune.decode_layer(
+                    x.contiguous(), *fused[index], keys[0], values[0], start, cos[start],
+                    sin[start], self.heads, attn.scaling,
+                )
+                continue
             h = self._norm(x, layer.input_layernorm)
             q = attn.q_proj(h).view(1, length, self.heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(h).view(1, length, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -175,13 +215,14 @@ class FastDecoder:
         caches = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
                   for _ in self.layers]
         cos, sin = self._rotary(total)
+        fused = self._fused_arguments() if dtype == torch.float32 else None
         eos = _eos_ids(eos_token_id)
         out = [ids]
         step_ids, start = ids, 0
         for made in range(max_new_tokens):
             if governor is not None:
                 governor.before(None, (step_ids,), {})
-            logits = self._step(step_ids, start, caches, cos, sin)
+            logits = self._step(step_ids, start, caches, cos, sin, fused)
             if made < min_new_tokens and eos:
                 logits[:, list(eos)] = -float("inf")
             token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)

@@ -1,8 +1,9 @@
 """The C++ CPU kernels: built on first use with torch's extension machinery, then cached.
 
-Loading registers the `sketchtune::lut_linear` op (with its autograd), its two gradient ops and
-`sketchtune::bf16_linear` (a dense bf16 GEMV, for inference); this module adds their shape
-functions so that torch.compile can trace them.
+Loading registers the `sketchtune::lut_linear` op (with its autograd), its two gradient ops,
+`sketchtune::bf16_linear` (a dense bf16 GEMV, for inference) and `sketchtune::decode_layer` (one
+decoder layer for one new token, `fast_decode`); this module adds their shape functions so that
+torch.compile can trace them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from ...cache import cache_dir
 
-SOURCES = ("ops.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_emu16.cpp")
+SOURCES = ("ops.cpp", "decode_layer.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp",
+           "isa_emu16.cpp")
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _loaded: bool | None = None
@@ -83,6 +85,11 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("sketchtune::lut_linear_values_grad")
     def _(grad_out, x, codes, values, bits):
         return values.new_empty(values.shape)
+
+    @torch.library.register_fake("sketchtune::decode_layer")
+    def _(x, norm_in, norm_post, eps, codes, values, bits, biases, keys, vals, pos, cos, sin,
+          heads, scaling):
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("sketchtune::bf16_linear")
     def _(x, weight):

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lut_kernels.h"
+#include "lut_ops.h"
 #include "row_pool.h"
 
 namespace sketchtune {
@@ -321,6 +322,12 @@ Tensor lut_linear_autograd(const Tensor& x, const Tensor& codes, const Tensor& v
 }
 
 }  // namespace
+
+void lut_gemv_row(const Tensor& codes, const Tensor& values, int64_t bits, const float* x,
+                  float* y) {
+  lut_gemv(sketch_of(codes, values, bits, codes.size(1) * 8 / bits), x, 1, y);
+}
+
 }  // namespace sketchtune
 
 TORCH_LIBRARY_FRAGMENT(sketchtune, m) {
