@@ -65,3 +65,15 @@ def test_both_solvers_recover_separated_clusters():
 def test_more_clusters_than_distinct_points():
     found = exact_kmeans_1d(torch.tensor([[1.0, 1.0, 2.0]]), torch.ones(1, 3), 4)
     assert set(found[0].tolist()) == {1.0, 2.0}
+
+
+def test_exact_kmeans_broadcast_weights_equal_expanded_copies():
+    # A (1, n) row is handed to numba once; it must give the bits a full (N, n) copy gives.
+    g = torch.Generator().manual_seed(7)
+    points = torch.randn(50, 33, generator=g)
+    row = torch.rand(1, 33, generator=g) + 0.05
+    expected = exact_kmeans_1d(points, row.expand(50, 33).contiguous(), 8)
+    for weights in (row, row[0], row.expand(50, 33)):
+        assert torch.equal(exact_kmeans_1d(points, weights, 8), expected)
+    ones = exact_kmeans_1d(points, torch.ones(50, 33), 8)
+    assert torch.equal(exact_kmeans_1d(points, torch.ones(1, 1), 8), ones)

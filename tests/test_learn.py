@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sketchtune import learn
 from sketchtune.format import dequantize
 from sketchtune.learn import Prepared, assign_codes, learn_sketch, prepare
 
@@ -134,3 +135,84 @@ def test_row_loss_is_the_damped_hessian_weighted_error_of_the_codes():
     q = tables.gather(2, codes.reshape(24, 2, 40)).reshape(24, 80)
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(80, dtype=h.dtype)
     torch.testing.assert_close(loss, (((w - q) @ damped) * (w - q)).sum(1) / 2)
+
+
+def _bits(t):
+    """A float tensor's raw bits, so that equality means bit for bit (-0.0 is not 0.0)."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.mark.parametrize("dead", [(), (0, 5, 17)])
+@pytest.mark.parametrize("kmeans", ["exact", "lloyd"])
+def test_chunked_learn_sketch_is_bit_identical_to_one_chunk(monkeypatch, dead, kmeans):
+    w, h = _correlated_problem(d_out=200, d_in=48, seed=6)
+    w, h = w.float(), h.float()
+    h[:, list(dead)] = 0.0
+    h[list(dead), :] = 0.0
+    whole = learn.learn_sketch(w, h, bits=3, gpr=4, column_batch=16, kmeans=kmeans)
+    calls = []
+
+    def counted(name):
+        inner = getattr(learn, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return inner(*args, **kwargs)
+        return wrapper
+
+    for name in ("fit_tables", "assign_codes"):  # wrapped by attribute, as scale.py times them
+        monkeypatch.setattr(learn, name, counted(name))
+    monkeypatch.setattr(learn, "CHUNK_WEIGHTS", 1)  # 64-row chunks: rows 0-63, 64-127, 128-199
+    chunked = learn.learn_sketch(w, h, bits=3, gpr=4, column_batch=16, kmeans=kmeans)
+    assert calls == ["fit_tables", "assign_codes"] * 3
+    assert chunked.codes.dtype == torch.uint8 and chunked.codes.shape == (200, 48)
+    for got, expected in zip(chunked, whole, strict=True):
+        assert torch.equal(_bits(got), _bits(expected))
+
+
+def test_fit_tables_equals_one_kmeans_over_every_row_and_group():
+    w, h = _correlated_problem(seed=7)
+    w = w.float()
+    importance = torch.rand(80, generator=torch.Generator().manual_seed(0)) + 0.1
+    for kmeans in ("exact", "lloyd"):
+        expanded = importance.reshape(1, 4, 20).expand(24, 4, 20).reshape(-1, 20)
+        expected = learn.KMEANS[kmeans](w.reshape(-1, 20), expanded, 16).reshape(24, 4, 16)
+        got = learn.fit_tables(w, importance, bits=4, gpr=4, kmeans=kmeans)
+        assert torch.equal(_bits(got), _bits(expected))
+
+
+def _textbook_factor_check(h, damp, growth=1):
+    """Uᵀ U = (H + λ mean(diag H) I)⁻¹ in float64, U upper triangular with a positive diagonal."""
+    upper = learn.inverse_hessian_factor(h, damp)
+    assert torch.equal(upper, upper.triu()) and (upper.diagonal() > 0).all()
+    h64 = h.double()
+    damped = h64 + damp * growth * h64.diagonal().mean() * torch.eye(len(h), dtype=h64.dtype)
+    torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(damped),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_inverse_hessian_factor_is_the_textbook_factor():
+    _, h = _correlated_problem(seed=8)
+    for hessian in (h.float(), _correlated_problem(n=30, seed=9)[1].float()):  # full, rank 30
+        before = hessian.clone()
+        _textbook_factor_check(hessian, 0.01)
+        assert torch.equal(_bits(hessian), _bits(before))
+
+
+def test_inverse_hessian_factor_retries_from_the_callers_hessian():
+    # Eigenvalues down to -0.02 with mean 0.5: λ = 0.01 · 0.5 leaves H indefinite, 10 λ does not.
+    g = torch.Generator().manual_seed(10)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    eigenvalues = torch.linspace(-0.02, 1.02, 40, dtype=torch.float64)
+    h = (q * eigenvalues) @ q.T
+    assert not torch.linalg.cholesky_ex(h + 0.005 * torch.eye(40, dtype=h.dtype)).info == 0
+    _textbook_factor_check(h.float(), 0.01, growth=10)
+
+
+def test_learn_sketch_leaves_the_callers_hessian_as_it_was():
+    w, h = _correlated_problem(seed=11)
+    for hessian in (h.float(), h):
+        hessian[:, 7] = hessian[7, :] = 0.0  # a dead column: its H_cc = 1 is learn's own
+        before = hessian.clone()
+        learn.learn_sketch(w, hessian, bits=3, gpr=2)
+        assert torch.equal(_bits(hessian), _bits(before))

@@ -52,10 +52,11 @@ def _fill_row(prev, cur, arg, s0, s1, s2, n):
 
 @numba.njit(cache=True, parallel=True)
 def _exact_kmeans(points, weights, k, out):
+    """points (N, n); weights (1 or N, n): one row shared by all problems, or one each."""
     n_rows, n = points.shape
     for r in numba.prange(n_rows):
         order = np.argsort(points[r])
-        x, w = points[r][order], weights[r][order]
+        x, w = points[r][order], weights[r % weights.shape[0]][order]
         s0, s1, s2 = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
         for t in range(n):
             s0[t + 1] = s0[t] + w[t]
@@ -85,7 +86,10 @@ def exact_kmeans_1d(points: torch.Tensor, weights: torch.Tensor, n_clusters: int
     points (N, n), weights (>= 0) broadcastable to (N, n) -> sorted centroids (N, n_clusters).
     """
     p = points.detach().to(torch.float64).cpu().contiguous().numpy()
-    w = weights.detach().to(torch.float64).expand_as(points).cpu().contiguous().numpy()
+    weights = weights.detach().expand_as(points)  # a view: checks the shape, copies nothing
+    # A row broadcast over the problems goes to numba once, not N times in float64.
+    rows = weights[:1] if weights.stride(0) == 0 else weights
+    w = rows.to(torch.float64).cpu().contiguous().numpy()
     out = np.empty((p.shape[0], n_clusters))
     _exact_kmeans(p, w, n_clusters, out)
     centroids = torch.from_numpy(out).to(points.dtype).to(points.device)

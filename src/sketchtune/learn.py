@@ -11,6 +11,7 @@ The plain path (no H) is per-row k-means with nearest-entry codes only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -18,6 +19,13 @@ import torch
 from .kmeans import exact_kmeans_1d, lloyd_kmeans_1d
 
 KMEANS = {"exact": exact_kmeans_1d, "lloyd": lloyd_kmeans_1d}
+# learn_sketch's row chunks hold about 4M weights: their workspaces (fp32 copies, int64 codes,
+# ~100 MB) stay small next to the d_in² factor.
+CHUNK_WEIGHTS = 1 << 22
+# Chunks are whole multiples of 64 rows and a smaller remainder joins the last one: MKL's sgemm
+# rounds a row differently in a product of very few rows (or few per thread), and chunking must
+# not change a bit of the result.
+ROW_BLOCK = 64
 
 
 class LayerSketch(NamedTuple):
@@ -41,42 +49,79 @@ def nearest_code(column: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹; λ grows until H is positive definite."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    mean_diag = hessian.diagonal().mean()
+    return _damped_inverse_factor(hessian.clone, damp)
+
+
+def _damped_inverse_factor(build: Callable[[], torch.Tensor], damp: float) -> torch.Tensor:
+    """`inverse_hessian_factor` of the matrix `build()` returns, a fresh copy this may overwrite
+    (each retry builds another): at most two d_in² matrices are alive at once."""
+    damped = build()
+    mean_diag = damped.diagonal().mean()
     for attempt in range(6):
-        damped = hessian + (damp * 10**attempt) * mean_diag * eye
+        if damped is None:
+            damped = build()
+        # λ onto the diagonal in place: the floats of H + λ·I, without an identity matrix
+        damped.diagonal().add_((damp * 10**attempt) * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        damped = None  # freed before the inverse exists; a retry builds H again
         if info == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper
     raise ValueError("input Hessian is not positive definite even after heavy damping")
+
+
+def _factor(
+    hessian: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Prepared`'s perm and upper, and dead (d_in,) bool: the columns with H_cc == 0, which the
+    factor sees with H_cc = 1. Built from one permuted fp32 copy; `hessian` is left as it is."""
+    h = hessian.detach()
+    diagonal = h.diagonal().to(torch.float32, copy=True)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    perm = (
+        torch.argsort(diagonal, descending=True)
+        if act_order
+        else torch.arange(h.shape[0], device=h.device)
+    )
+    dead_perm = dead[perm]
+
+    def build() -> torch.Tensor:
+        permuted = h.float()[perm[:, None], perm]  # one gather: no h[perm] intermediate
+        permuted.diagonal()[dead_perm] = 1.0
+        return permuted
+
+    return perm, _damped_inverse_factor(build, damp), dead
 
 
 def prepare(
     weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True
 ) -> Prepared:
     """Dead columns (H_cc == 0) zeroed with H_cc = 1, the column order, and the factor U."""
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    perm, upper, dead = _factor(hessian, damp, act_order)
+    return Prepared(_live_columns(weight, dead), perm, upper)
+
+
+def _live_columns(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of `weight` with the dead columns zeroed."""
+    w = weight.detach().to(torch.float32, copy=True)
     w[:, dead] = 0.0
-    d_in = w.shape[1]
-    perm = (
-        torch.argsort(h.diagonal(), descending=True)
-        if act_order
-        else torch.arange(d_in, device=w.device)
-    )
-    return Prepared(w, perm, inverse_hessian_factor(h[perm][:, perm], damp))
+    return w
 
 
 def column_importance(prepared: Prepared, power: float = 4.0) -> torch.Tensor:
     """ω_c = U_cc^(-power) per column, in original column order, scaled to mean 1 (only relative
     weights matter; it keeps fp32 sane)."""
-    importance = torch.empty_like(prepared.upper.diagonal())
-    importance[prepared.perm] = prepared.upper.diagonal().pow(-power)
+    return _importance(prepared.perm, prepared.upper, power)
+
+
+def _importance(perm: torch.Tensor, upper: torch.Tensor, power: float) -> torch.Tensor:
+    importance = torch.empty_like(upper.diagonal())
+    importance[perm] = upper.diagonal().pow(-power)
     return importance / importance.mean()
 
 
@@ -93,11 +138,11 @@ def fit_tables(
     group = d_in // gpr
     if importance is None:
         importance = torch.ones(d_in, device=weight.device)
-    column_weights = importance.reshape(1, gpr, group).expand(d_out, gpr, group)
-    tables = KMEANS[kmeans](
-        weight.reshape(-1, group), column_weights.reshape(-1, group), 1 << bits
-    )
-    return tables.reshape(d_out, gpr, 1 << bits)
+    tables = torch.empty(d_out, gpr, 1 << bits, dtype=weight.dtype, device=weight.device)
+    for g in range(gpr):  # one group's (1, group) weights broadcast over the rows: no copies
+        columns = slice(g * group, (g + 1) * group)
+        tables[:, g] = KMEANS[kmeans](weight[:, columns], importance[None, columns], 1 << bits)
+    return tables
 
 
 def assign_codes(
@@ -115,8 +160,9 @@ def assign_codes(
     (d_out, d_in) int64 in original order, row loss (d_out,); see `LayerSketch`)."""
     w_perm = prepared.weight[:, prepared.perm]  # a copy: the errors are pushed into it
     upper, d_in = prepared.upper, w_perm.shape[1]
-    group_perm = group_of.to(w_perm.device)[prepared.perm]
-    codes_perm = torch.empty(w_perm.shape, dtype=torch.int64, device=w_perm.device)
+    perm = prepared.perm.tolist()
+    group_perm = group_of.to(w_perm.device)[prepared.perm].tolist()
+    codes = torch.empty(w_perm.shape, dtype=torch.int64, device=w_perm.device)
     row_loss = torch.zeros(w_perm.shape[0], dtype=w_perm.dtype, device=w_perm.device)
     for start in range(0, d_in, column_batch):
         end = min(start + column_batch, d_in)
@@ -126,14 +172,12 @@ def assign_codes(
         for i in range(end - start):
             table = tables[:, group_perm[start + i], :]  # (d_out, K)
             code = nearest_code(batch[:, i], table)
-            codes_perm[:, start + i] = code
+            codes[:, perm[start + i]] = code  # straight to original order
             err = (batch[:, i] - table.gather(1, code[:, None]).squeeze(1)) / u_batch[i, i]
             batch[:, i + 1 :] -= err[:, None] * u_batch[i, i + 1 :][None, :]
             errors[:, i] = err
         row_loss += errors.pow(2).sum(dim=1) / 2
-        w_perm[:, end:] -= errors @ upper[start:end, end:]
-    codes = torch.empty_like(codes_perm)
-    codes[:, prepared.perm] = codes_perm
+        w_perm[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1)  # no product temporary
     return codes, row_loss
 
 
@@ -149,7 +193,11 @@ def learn_sketch(
     kmeans: Literal["exact", "lloyd"] = "exact",
 ) -> LayerSketch:
     """`fit_tables` then `assign_codes`. With `hessian=None` this is plain per-(row, group)
-    k-means with nearest-centroid codes."""
+    k-means with nearest-centroid codes.
+
+    With a Hessian the factor is computed once and the rows go through both steps in chunks of
+    about `CHUNK_WEIGHTS` weights (rows are independent given the factor): the workspaces are a
+    chunk's, not the layer's."""
     d_out, d_in = weight.shape
     if hessian is None:
         w = weight.detach().float()
@@ -157,9 +205,25 @@ def learn_sketch(
         grouped = w.reshape(d_out, gpr, d_in // gpr, 1)
         codes = (grouped - tables[:, :, None, :]).abs().argmin(-1).reshape(d_out, d_in)
         return LayerSketch(codes.to(torch.uint8), tables, None)
-    prepared = prepare(weight, hessian, damp, act_order)
-    importance = column_importance(prepared, importance_power)
-    tables = fit_tables(prepared.weight, importance, bits, gpr, kmeans)
-    group_of = torch.arange(d_in, device=tables.device) // (d_in // gpr)
-    codes, row_loss = assign_codes(prepared, tables, group_of, column_batch)
-    return LayerSketch(codes.to(torch.uint8), tables, row_loss)
+    perm, upper, dead = _factor(hessian, damp, act_order)
+    importance = _importance(perm, upper, importance_power)
+    group_of = torch.arange(d_in, device=upper.device) // (d_in // gpr)
+    codes = torch.empty(d_out, d_in, dtype=torch.uint8, device=weight.device)
+    values = torch.empty(d_out, gpr, 1 << bits, dtype=torch.float32, device=weight.device)
+    row_loss = torch.empty(d_out, dtype=torch.float32, device=weight.device)
+    for chunk in _row_chunks(d_out, d_in):
+        w = _live_columns(weight[chunk], dead)
+        values[chunk] = fit_tables(w, importance, bits, gpr, kmeans)
+        codes[chunk], row_loss[chunk] = assign_codes(
+            Prepared(w, perm, upper), values[chunk], group_of, column_batch
+        )
+    return LayerSketch(codes, values, row_loss)
+
+
+def _row_chunks(d_out: int, d_in: int) -> list[slice]:
+    """learn_sketch's row chunks: see CHUNK_WEIGHTS and ROW_BLOCK."""
+    rows = max(1, CHUNK_WEIGHTS // d_in // ROW_BLOCK) * ROW_BLOCK
+    starts = list(range(0, d_out, rows))
+    if len(starts) > 1 and d_out - starts[-1] < ROW_BLOCK:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], d_out], strict=True)]
