@@ -3,17 +3,18 @@
 Decoders: the dense fp32 model; the sketched model as `sketchtune.load` gave it before issue 22
 (fp32 tables, embeddings and head); with tables, embeddings and head in bf16 as stored but torch's
 thread count; what every loader gives now (that, plus the decode thread count chosen by timing,
-`serving.DecodeThreads`); that with lm_head itself sketched to 4 bits (equal-count quantile
-tables, for speed only: it changes the model's outputs); and llama.cpp on the same GGUF (Q4_1)
-when llama-cpp-python is installed. Each decodes the prompt, then exactly --new-tokens tokens (no
-stop at EOS); the figure is the median over --repeats, every decoder and thread count taking
-turns within each repeat so that the machine's slow spells fall on all of them. With --busy the
-turns run again beside one CPU-bound competing process per core, started and stopped here. With
+`serving.DecodeThreads`, and greedy decoding through `fast_decode`); the same through transformers'
+own generate loop (`fast_decode_disabled`); that with lm_head itself sketched to 4 bits (equal-
+count quantile tables, for speed only: it changes the model's outputs); and llama.cpp on the same
+GGUF (Q4_1) when llama-cpp-python is installed. Each decodes the prompt, then exactly --new-tokens
+tokens (no stop at EOS); the figure is the median over --repeats, every decoder and thread count
+taking turns within each repeat so that the machine's slow spells fall on all of them. With --busy
+the turns run again beside one CPU-bound competing process per core, started and stopped here. With
 --compile, the dense model and the default load also decode through a static cache and
 torch.compile. A profile of a short decode says where the sketched model's time goes. Then a
 training step (8 x 128 tokens, forward + backward, only `values` trainable) through the fast
-kernels and through the reference path, each in a process of its own: median time, and the
-first step's peak resident memory above the loaded model.
+kernels and through the reference path, each in a process of its own: median time, and the first
+step's peak resident memory above the loaded model.
 
     .venv/bin/python benchmarks/decode.py [--sketched DIR] [--threads 1,2] [--busy]
 
@@ -47,7 +48,7 @@ from sketchtune.format import SketchedWeight
 from sketchtune.generate import decode_options
 from sketchtune.layers import SketchLinear
 from sketchtune.memory import resident_bytes
-from sketchtune.serving import bf16_embeddings, serving_disabled
+from sketchtune.serving import bf16_embeddings, fast_decode_disabled, serving_disabled
 
 PROMPT = "The history of the bicycle begins in the early nineteenth century, when"
 
@@ -223,10 +224,11 @@ def timed_turns(decoders: dict, new_tokens: int, repeats: int, threads: list[int
     return {key: new_tokens / statistics.median(s) for key, s in seconds.items()}
 
 
-def torch_decoder(model, inputs):
+def torch_decoder(model, inputs, transformers_loop: bool = False):
     def decode(new_tokens: int, threads: int) -> float:
         torch.set_num_threads(threads)
-        return decode_seconds(model, inputs, new_tokens)
+        with fast_decode_disabled() if transformers_loop else contextlib.nullcontext():
+            return decode_seconds(model, inputs, new_tokens)
     return decode
 
 
@@ -298,6 +300,8 @@ def main() -> None:
     sketched_head.lm_head.values = nn.Parameter(sketched_head.lm_head.values.detach().bfloat16())
     models["sketchtune.load default, lm_head sketched (speed only)"] = sketched_head
     decoders = {name: torch_decoder(model, inputs) for name, model in models.items()}
+    decoders["sketchtune.load default, transformers' generate loop"] = torch_decoder(
+        default, inputs, transformers_loop=True)
     decoders.update(llama_cpp_decoders(threads))
 
     gc.collect()
