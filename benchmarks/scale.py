@@ -911,7 +911,9 @@ def parse_args(argv=None):
                         help="where the random models and their sketches are kept (reused)")
     parser.add_argument("--output", default=str(HERE / "results" / "scale.json"),
                         help="results JSON; the CSV and PNG are written beside it")
-    parser.add_argument("--fresh", action="store_true", help="redo rows already in the JSON")
+    parser.add_argument("--fresh", action="store_true",
+                        help="redo the selected rows (--shapes, --only) even where the JSON has "
+                             "them; the other rows stay")
     parser.add_argument("--fresh-build", action="store_true",
                         help="rebuild the random models even if their folders exist")
     parser.add_argument("--smoke", action="store_true",
@@ -969,7 +971,7 @@ def main(argv=None) -> None:
                          f"; measurements: {', '.join(MEASURES)}")
     output = Path(args.output)
     results = fresh_results(args)
-    if output.is_file() and not args.fresh:
+    if output.is_file():  # --fresh redoes the selected rows; the others stay as they were
         stored = json.loads(output.read_text())
         results["shapes"] = stored.get("shapes", {})
         results["machine"] = stored.get("machine", [])
