@@ -11,11 +11,17 @@ import torch
 
 
 def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it where there is one."""
+    """The CPU's model name, as /proc/cpuinfo gives it where there is one, with its family and
+    model numbers: a virtual machine may call every generation just "AMD EPYC" (family 25 is
+    Zen 3/4, 26 Zen 5)."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            return (f"{fields['model name']} (family {fields.get('cpu family', '?')}, "
+                    f"model {fields.get('model', '?')})")
     except OSError:
         pass
     return platform.processor() or platform.machine()
