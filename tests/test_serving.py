@@ -107,3 +107,31 @@ def test_probes_of_a_losing_count_stay_within_their_time_budget(slower):
     used = simulate(choice, seconds, 4000, 2)[100:]  # past the first tries
     probing = sum(seconds[n] - seconds[1] for n in used)
     assert probing <= 0.03 * 0.01 * len(used) * 1.1  # 10% slack for where the window cuts
+
+
+def test_bf16_head_trains_under_autocast_without_widening_its_weight(monkeypatch):
+    """Under bf16 autocast the served head computes as autocast would from its bf16 weight (a
+    128k-vocabulary head widened to fp32 was a 1 GB copy per step at the 1B shape)."""
+    torch.manual_seed(0)
+    head = Bf16Head(16, 40, bias=False)
+    head.weight.data = head.weight.data.bfloat16()
+    x = torch.randn(3, 16, requires_grad=True)
+    widened = []
+    original = torch.Tensor.to
+
+    def watch(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self is head.weight and out.dtype == torch.float32:
+            widened.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", watch)
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = head(x)
+        reference = torch.nn.functional.linear(x, head.weight)
+    assert not widened and ours.dtype == torch.bfloat16
+    assert torch.equal(ours, reference)
+    ours.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    head(x.detach().requires_grad_())  # without autocast: the fp32 math, weight widened
+    assert widened

@@ -23,8 +23,10 @@ class Bf16Head(nn.Linear):
     `kernels.bf16_linear` (on CPU a GEMV that reads the bf16 weight directly, in fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:  # training through it: the same fp32
-            return F.linear(x, self.weight.to(x.dtype), self.bias)  # math, differentiable
+        if torch.is_grad_enabled() and x.requires_grad:  # training through it, differentiable:
+            if torch.is_autocast_enabled(x.device.type):  # autocast's dtype from the bf16 weight
+                return F.linear(x, self.weight, self.bias)  # (no fp32 copy of a 128k head)
+            return F.linear(x, self.weight.to(x.dtype), self.bias)  # the same fp32 math
         y = bf16_linear(x, self.weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
