@@ -107,7 +107,8 @@ def test_interrupted_compare_reuses_finished_methods(tiny_model_dir, tiny_task_f
     )
     out2 = tmp_path / "cmp2"
     (tmp_path / "cmp.run").rename(tmp_path / "cmp2.run")
-    with_lora = {**first["settings"], "methods": ["dense", "lora"]}  # another method list
+    with_lora = {**first["settings"], "methods": ["dense", "lora"],  # another method list
+                 "lr_grid_lora": [1e-4, 3e-4, 1e-3, 3e-3]}  # and a grid extended upward
     (tmp_path / "cmp2.run" / "dense-seed42.json").write_text(json.dumps({"settings": with_lora,
                                                                   "row": kept}))
     assert main(compare_args(tiny_model_dir, tiny_task_file, out2)) == 0

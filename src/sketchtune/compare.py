@@ -207,7 +207,9 @@ def _earlier_results(output: Path, settings: dict) -> dict:
 
 
 # None changes a kept row: which other methods run, where trained weights go, how many seeds.
-_NOT_SETTINGS = ("methods", "save_trained", "seeds")
+# A row depends on its own rate (in its key), not on the grid it was one rate of: a grid extended
+# by a rate reuses the rows already run.
+_NOT_SETTINGS = ("methods", "save_trained", "seeds", "lr_grid_sketch", "lr_grid_lora")
 
 
 def _same_run(a: dict, b: dict) -> bool:
