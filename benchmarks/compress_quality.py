@@ -337,6 +337,13 @@ def int8_losses(folder: Path, dense: dict[str, torch.Tensor], args: argparse.Nam
     return losses
 
 
+@functools.cache
+def dense_projections(source: str) -> dict[str, torch.Tensor]:
+    """The source's projection weights in fp32, loaded once for all the int8 folders."""
+    model, _ = load_dense(SOURCES[source])
+    return {n: m.weight.detach().float() for n, m in projection_names(model).items()}
+
+
 def int8_folder(bits: int, gpr: int, args: argparse.Namespace) -> Path:
     """`<keep>/sketch<bits>-gpr<gpr>-int8`: the kept folder with its tables int8-encoded and its
     recorded losses raised by what the rounding adds (`int8_losses`), made once."""
@@ -346,10 +353,7 @@ def int8_folder(bits: int, gpr: int, args: argparse.Namespace) -> Path:
         "fingerprint"]
     if (folder / "config.json").is_file() and sketch_config_of(folder).fingerprint == fingerprint:
         return folder
-    dense_model, _ = load_dense(SOURCES["gridfree"])
-    dense = {n: m.weight.detach().float() for n, m in projection_names(dense_model).items()}
-    del dense_model
-    measured = int8_losses(source, dense, args)
+    measured = int8_losses(source, dense_projections("gridfree"), args)
     model = load(source, values_dtype=torch.float32, serve=False)
     for layer in sketched_layers(model).values():
         layer.values.data = round_int8_tables(layer.values.data)

@@ -257,9 +257,10 @@ def _module_of(candidate: Candidate, name: str, where: dict[str, str]) -> Sketch
     return layer
 
 
-def _check_same_base(base: Candidate, other: Candidate) -> None:
-    """Everything but the sketched projections is stored identically: the same source model."""
-    ours, theirs = _locations(base.folder), _locations(other.folder)
+def _check_same_base(base: Candidate, other: Candidate, ours: dict[str, str],
+                     theirs: dict[str, str]) -> None:
+    """Everything but the sketched projections is stored identically: the same source model.
+    `ours`, `theirs`: the two folders' `_locations`."""
     projections = tuple(f"{name}." for name in base.config.modules)
     shared = sorted(k for k in ours if not k.startswith(projections))
     if sorted(k for k in theirs if not k.startswith(projections)) != shared:
@@ -277,16 +278,19 @@ def mix(plan: MixPlan):
     projection read from its own folder; its config records each projection's settings."""
     from .hub import load
     from .serving import serving_disabled
+    from .train import freeze_all_but_values
 
     uses = Counter(plan.choice.values())
     base_index = uses.most_common(1)[0][0]
     base = plan.candidates[base_index]
+    where = {i: _locations(plan.candidates[i].folder) for i in uses}
     for index in uses:
         if index != base_index:
-            _check_same_base(base, plan.candidates[index])
+            _check_same_base(base, plan.candidates[index], where[base_index], where[index])
     with serving_disabled():
         model = load(base.folder, values_dtype=None)
-    where = {i: _locations(plan.candidates[i].folder) for i in uses if i != base_index}
+    shared = {"bits": base.config.bits, "groups_per_row": base.config.groups_per_row,
+              "table_encoding": base.config.table_encoding}
     settings, losses = {}, {}
     for name, index in plan.choice.items():
         source = plan.candidates[index]
@@ -295,8 +299,6 @@ def mix(plan: MixPlan):
         bits, gpr = source.config.settings_of(name)
         own = {"bits": bits, "groups_per_row": gpr,
                "table_encoding": source.config.table_encoding_of(name)}
-        shared = {"bits": base.config.bits, "groups_per_row": base.config.groups_per_row,
-                  "table_encoding": base.config.table_encoding}
         differs = {k: v for k, v in own.items() if v != shared[k]}
         if differs:
             settings[name] = differs
@@ -307,8 +309,5 @@ def mix(plan: MixPlan):
         base.config, module_settings=settings, layer_losses=losses, learning=learning,
         fingerprint=None,
     )
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for layer in (m for m in model.modules() if isinstance(m, SketchLinear)):
-        layer.values.requires_grad_(True)
+    freeze_all_but_values(model)
     return model

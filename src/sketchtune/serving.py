@@ -212,24 +212,23 @@ _FAST_DECODE = contextvars.ContextVar("sketchtune_fast_decode", default=True)
 
 
 @contextlib.contextmanager
-def fast_decode_disabled() -> Iterator[None]:
+def _switched_off(switch: contextvars.ContextVar) -> Iterator[None]:
+    token = switch.set(False)
+    try:
+        yield
+    finally:
+        switch.reset(token)
+
+
+def fast_decode_disabled() -> contextlib.AbstractContextManager[None]:
     """Served models' `generate` runs transformers' own loop within this block (benchmarks and
     tests compare the two)."""
-    token = _FAST_DECODE.set(False)
-    try:
-        yield
-    finally:
-        _FAST_DECODE.reset(token)
+    return _switched_off(_FAST_DECODE)
 
 
-@contextlib.contextmanager
-def serving_disabled() -> Iterator[None]:
+def serving_disabled() -> contextlib.AbstractContextManager[None]:
     """Load sketched models within this block exactly as stored, without `serve`."""
-    token = _SERVING.set(False)
-    try:
-        yield
-    finally:
-        _SERVING.reset(token)
+    return _switched_off(_SERVING)
 
 
 def serve(model: PreTrainedModel) -> PreTrainedModel:
