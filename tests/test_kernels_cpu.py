@@ -111,21 +111,39 @@ def test_half_precision_activations(dtype, bits, gpr, n):
     codes, packed, values = sketch(24, 48 * gpr, bits, gpr, seed=n)
     x = torch.randn(n, 48 * gpr).to(dtype)
     grad = torch.randn(n, 24).to(dtype)
+    # fp32 accumulation throughout. The GEMV (n <= 16) reads the fp32 tables; the tiled GEMMs run
+    # in bf16 for bf16 inputs, on the tables rounded to bf16, and in fp32 for fp16 inputs.
+    gemm_tables = values.bfloat16().float() if dtype == torch.bfloat16 else values
+    forward_tables = values if n <= 16 else gemm_tables
     y = ops.lut_linear(x, packed, values, bits)
     assert y.dtype == dtype
-    # The kernels accumulate in fp32: compare with the fp32 reference on the same inputs.
     torch.testing.assert_close(
-        y.float(), reference.lut_linear_forward(x.float(), codes, values), rtol=1e-2, atol=2e-2
+        y.float(), reference.lut_linear_forward(x.float(), codes, forward_tables),
+        rtol=1e-2, atol=2e-2,
     )
     dx = ops.lut_linear_input_grad(grad, packed, values, bits)
     assert dx.dtype == dtype
-    expected = reference.lut_linear_input_grad(grad.float(), codes, values)
+    expected = reference.lut_linear_input_grad(grad.float(), codes, gemm_tables)
     torch.testing.assert_close(dx.float(), expected, rtol=1e-2, atol=2e-2)
     dv = ops.lut_linear_values_grad(grad, x, packed, values, bits)
     assert dv.dtype == torch.float32
+    rounding = torch.bfloat16 if dtype == torch.bfloat16 else None
     torch.testing.assert_close(
-        dv, reference.lut_linear_values_grad(grad, x, codes, values), rtol=1e-4, atol=1e-3
+        dv, reference.lut_linear_values_grad(grad, x, codes, values, rounding),
+        rtol=1e-4, atol=1e-3,
     )
+
+
+def test_bf16_values_grad_rounds_the_weight_gradient_once():
+    # bf16 dY and X: dŴ comes out of a bf16 GEMM, rounded to bf16 before the bins; binned
+    # without that rounding it differs by about that rounding.
+    codes, packed, values = sketch(64, 256, 4, 4, seed=3)
+    x, grad = torch.randn(40, 256).bfloat16(), torch.randn(40, 64).bfloat16()
+    dv = ops.lut_linear_values_grad(grad, x, packed, values, 4)
+    rounded = reference.lut_linear_values_grad(grad, x, codes, values, torch.bfloat16)
+    unrounded = reference.lut_linear_values_grad(grad, x, codes, values)
+    torch.testing.assert_close(dv, rounded, rtol=1e-4, atol=1e-3)
+    assert (rounded - unrounded).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("bits,gpr", [(4, 2), (3, 1), (2, 4)])
@@ -274,3 +292,20 @@ def test_environment_starts_on_the_reference_path_without_building():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["reference", "None"]
+
+
+def test_autocast_casts_activations_as_for_a_dense_layer():
+    codes, packed, values = sketch(32, 64, 4, 2, seed=5)
+    x = torch.randn(3, 20, 64, requires_grad=True)
+    v = values.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.lut_linear(x, packed, v, 4)
+        dense = torch.nn.functional.linear(x, torch.randn(32, 64))
+    assert y.dtype == dense.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ops.lut_linear(x.detach().bfloat16(), packed, values, 4))
+    y.float().sum().backward()
+    grad = torch.ones(3, 20, 32, dtype=torch.bfloat16)
+    expected = reference.lut_linear_values_grad(grad, x.detach().bfloat16(), codes, values,
+                                                torch.bfloat16)
+    torch.testing.assert_close(v.grad, expected, rtol=1e-4, atol=1e-3)
+    assert x.grad.dtype == torch.float32

@@ -52,8 +52,11 @@ def lut_linear(
     """x (..., d_in), values (d_out, gpr, K) -> (..., d_out).
 
     With `bits`, `codes` are the packed (d_out, d_in * bits // 8) uint8 of the sketch format;
-    without, unpacked (d_out, d_in) codes, which only the reference path takes.
+    without, unpacked (d_out, d_in) codes, which only the reference path takes. Under autocast x
+    is cast to autocast's dtype first, as for a dense linear layer; the tables stay as they are.
     """
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if bits is None:
         return _LutLinear.apply(x, codes, values)
     if _fast_cpu(x, codes):

@@ -88,11 +88,6 @@ Sketch sketch_of(const Tensor& codes, const Tensor& values, int64_t bits, int64_
           values.size(1), bits};
 }
 
-Tensor as_fp32_rows(const Tensor& t, int64_t width) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kDouble,
-              "sketchtune: CPU kernels take float32, bfloat16 or float16 activations");
-  return t.reshape({-1, width}).to(at::kFloat).contiguous();
-}
 
 int64_t grain_rows(int64_t d_in) { return std::max<int64_t>(1, kGrainWeights / d_in); }
 
@@ -124,6 +119,54 @@ void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64
   parallel_rows(r0, r1, grain_rows(c1 - c0), [&](int64_t b, int64_t e) {
     k.dequant(s, b, e, c0, c1, out + (b - r0) * ldo, ldo);
   });
+}
+
+// The same into bf16 bit patterns, for tables already rounded to bf16 (`gemm_tables`): each block
+// goes through a cache-sized fp32 scratch, and dropping the low half of each entry is exact.
+void dequant_parallel(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                      uint16_t* out, int64_t ldo) {
+  const Kernels& k = kernels();
+  const int64_t width = c1 - c0;
+  parallel_rows(r0, r1, grain_rows(width), [&](int64_t b, int64_t e) {
+    thread_local std::vector<uint32_t> scratch;
+    scratch.resize((e - b) * width);
+    k.dequant(s, b, e, c0, c1, reinterpret_cast<float*>(scratch.data()), width);
+    for (int64_t r = b; r < e; ++r) {
+      const uint32_t* in = scratch.data() + (r - b) * width;
+      uint16_t* o = out + (r - r0) * ldo;
+      for (int64_t c = 0; c < width; ++c) o[c] = static_cast<uint16_t>(in[c] >> 16);
+    }
+  });
+}
+
+// Ŵ[r0:r1, c0:c1] into `tile` (row stride ldo) in the tile's dtype: fp32, or bf16.
+void dequant_tile(const Sketch& s, int64_t r0, int64_t r1, int64_t c0, int64_t c1, Tensor& tile,
+                  int64_t ldo) {
+  if (tile.scalar_type() == at::kBFloat16)
+    dequant_parallel(s, r0, r1, c0, c1, static_cast<uint16_t*>(tile.data_ptr()), ldo);
+  else
+    dequant_parallel(s, r0, r1, c0, c1, tile.data_ptr<float>(), ldo);
+}
+
+// The GEMMs of the tiled paths run in bf16 for bf16 activations (torch's bf16 GEMM, fp32
+// accumulation and one rounding of each output, as F.linear computes for them: under autocast this
+// is what a dense layer gets) and in fp32 for every other dtype.
+at::ScalarType gemm_dtype(const Tensor& activations) {
+  return activations.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+// Activation rows (n, width) contiguous in the GEMM's dtype.
+Tensor gemm_rows(const Tensor& t, int64_t width, at::ScalarType dtype) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kDouble,
+              "sketchtune: CPU kernels take float32, bfloat16 or float16 activations");
+  return t.reshape({-1, width}).to(dtype).contiguous();
+}
+
+// fp32 tables for dequantizing into a GEMM of `dtype`: for bf16, rounded to bf16 first, so a
+// dequantized weight is exactly `values.to(bf16)` gathered (the reference's Ŵ for bf16 inputs).
+Tensor gemm_tables(const Tensor& values, at::ScalarType dtype) {
+  const Tensor v = dtype == at::kBFloat16 ? values.to(at::kBFloat16) : values;
+  return v.to(at::kFloat).contiguous();
 }
 
 // x (n, d_in) with every body chunk's columns (see `body_chunk_start`) in the kernels' lane
@@ -168,7 +211,7 @@ void tiled_forward(const Sketch& s, const Tensor& x, Tensor& y) {
   Tensor w = at::empty({rows, s.d_in}, x.options());
   for (int64_t r0 = 0; r0 < s.d_out; r0 += rows) {
     const int64_t n = std::min(rows, s.d_out - r0);
-    dequant_parallel(s, r0, r0 + n, 0, s.d_in, w.data_ptr<float>(), s.d_in);
+    dequant_tile(s, r0, r0 + n, 0, s.d_in, w, s.d_in);
     Tensor out = y.narrow(1, r0, n);
     at::mm_out(out, x, w.narrow(0, 0, n).t());
   }
@@ -180,8 +223,9 @@ Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values
   sizes.back() = codes.size(0);
   const int64_t n = d_in > 0 ? x.numel() / d_in : 0;
   const Tensor c = codes.contiguous();
-  if (n > kGemvMaxRows) {  // the tiled path widens bf16 tables
-    const Tensor x2 = as_fp32_rows(x, d_in), v = values.to(at::kFloat).contiguous();
+  if (n > kGemvMaxRows) {
+    const at::ScalarType dtype = gemm_dtype(x);
+    const Tensor x2 = gemm_rows(x, d_in, dtype), v = gemm_tables(values, dtype);
     const Sketch s = sketch_of(c, v, bits, d_in);
     Tensor y = at::empty({n, s.d_out}, x2.options());
     tiled_forward(s, x2, y);
@@ -193,7 +237,7 @@ Tensor lut_linear_cpu(const Tensor& x, const Tensor& codes, const Tensor& values
                                                          : values.to(at::kFloat).contiguous();
   const Sketch s = sketch_of(c, v, bits, d_in);
   const bool in_place = x.scalar_type() == at::kFloat && x.is_contiguous();
-  const Tensor x2 = in_place ? x : as_fp32_rows(x, d_in);
+  const Tensor x2 = in_place ? x : gemm_rows(x, d_in, at::kFloat);
   Tensor y = at::empty(sizes, x2.options());
   lut_gemv(s, x2.data_ptr<float>(), n, y.data_ptr<float>());
   return in_place ? y : y.to(x.scalar_type());
@@ -209,7 +253,7 @@ Tensor bf16_linear_cpu(const Tensor& x, const Tensor& weight) {
               " does not fit inputs of width ", d_in);
   auto sizes = x.sizes().vec();
   sizes.back() = d_out;
-  const Tensor x2 = as_fp32_rows(x, d_in);
+  const Tensor x2 = gemm_rows(x, d_in, at::kFloat);
   const int64_t n = x2.size(0);
   if (n > kGemvMaxRows)  // prefill: fp32 GEMM on the widened weight (exact), as the GEMV computes
     return at::linear(x2, weight.to(at::kFloat)).to(x.scalar_type()).view(sizes);
@@ -234,31 +278,36 @@ Tensor bf16_linear_cpu(const Tensor& x, const Tensor& weight) {
 Tensor lut_linear_input_grad_cpu(const Tensor& grad_out, const Tensor& codes,
                                  const Tensor& values, int64_t bits) {
   const int64_t d_in = codes.size(1) * 8 / bits;
-  const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
+  const at::ScalarType dtype = gemm_dtype(grad_out);
+  const Tensor c = codes.contiguous(), v = gemm_tables(values, dtype);
   const Sketch s = sketch_of(c, v, bits, d_in);
-  const Tensor g = as_fp32_rows(grad_out, s.d_out);
+  const Tensor g = gemm_rows(grad_out, s.d_out, dtype);
   Tensor dx = at::empty({g.size(0), d_in}, g.options());
   const int64_t cols = tile_extent(s.d_out, d_in);
   Tensor w = at::empty({s.d_out, cols}, g.options());
   for (int64_t c0 = 0; c0 < d_in; c0 += cols) {
     const int64_t n = std::min(cols, d_in - c0);
-    dequant_parallel(s, 0, s.d_out, c0, c0 + n, w.data_ptr<float>(), n);
+    Tensor tile = w.view(-1).narrow(0, 0, s.d_out * n).view({s.d_out, n});
+    dequant_tile(s, 0, s.d_out, c0, c0 + n, tile, n);
     Tensor out = dx.narrow(1, c0, n);
-    at::mm_out(out, g, w.view(-1).narrow(0, 0, s.d_out * n).view({s.d_out, n}));
+    at::mm_out(out, g, tile);
   }
   auto sizes = grad_out.sizes().vec();
   sizes.back() = d_in;
   return dx.to(grad_out.scalar_type()).view(sizes);
 }
 
-// dvalues: dŴ = dYᵀ X one row tile at a time, each tile binned by code before the next.
+// dvalues: dŴ = dYᵀ X one row tile at a time, each tile binned by code before the next. With bf16
+// dY and X the tile is a bf16 GEMM's output, widened to fp32 block by block for the bins.
 Tensor lut_linear_values_grad_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& codes,
                                   const Tensor& values, int64_t bits) {
   const int64_t d_in = x.size(-1);
+  const at::ScalarType dtype =
+      grad_out.scalar_type() == x.scalar_type() ? gemm_dtype(x) : at::kFloat;
   const Tensor c = codes.contiguous(), v = values.to(at::kFloat).contiguous();
   const Sketch s = sketch_of(c, v, bits, d_in);
-  const Tensor g = as_fp32_rows(grad_out, s.d_out), x2 = as_fp32_rows(x, d_in);
-  Tensor grad = at::zeros(values.sizes(), g.options());
+  const Tensor g = gemm_rows(grad_out, s.d_out, dtype), x2 = gemm_rows(x, d_in, dtype);
+  Tensor grad = at::zeros(values.sizes(), g.options().dtype(at::kFloat));
   const int64_t rows = tile_extent(d_in, s.d_out);
   Tensor dw = at::empty({rows, d_in}, g.options());
   float* gp = grad.data_ptr<float>();
@@ -266,9 +315,20 @@ Tensor lut_linear_values_grad_cpu(const Tensor& grad_out, const Tensor& x, const
     const int64_t n = std::min(rows, s.d_out - r0);
     Tensor tile = dw.narrow(0, 0, n);
     at::mm_out(tile, g.narrow(1, r0, n).t(), x2);
-    const float* dwp = dw.data_ptr<float>();
+    if (dtype == at::kFloat) {
+      const float* dwp = dw.data_ptr<float>();
+      parallel_rows(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
+        bin_rows(s, dwp + (b - r0) * d_in, d_in, b, e, gp);
+      });
+      continue;
+    }
+    const uint16_t* dwp = static_cast<const uint16_t*>(dw.data_ptr());
     parallel_rows(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
-      bin_rows(s, dwp + (b - r0) * d_in, d_in, b, e, gp);
+      thread_local std::vector<uint32_t> wide;
+      wide.resize((e - b) * d_in);
+      const uint16_t* in = dwp + (b - r0) * d_in;
+      for (int64_t i = 0; i < (e - b) * d_in; ++i) wide[i] = uint32_t{in[i]} << 16;
+      bin_rows(s, reinterpret_cast<const float*>(wide.data()), d_in, b, e, gp);
     });
   }
   return grad.to(values.scalar_type());
