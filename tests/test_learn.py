@@ -126,6 +126,25 @@ def test_blocked_and_unblocked_runs_give_identical_codes(column_batch):
     torch.testing.assert_close(loss, unblocked_loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,width,groups", [(1, 1, 1), (5, 7, 2), (70, 128, 4), (3, 33, 8)])
+def test_compiled_column_pass_gives_the_bits_of_the_torch_pass(dtype, rows, width, groups):
+    # The CPU path (numba, row by row) against the device-generic tensor loop, ties included:
+    # repeated table entries must resolve to the first, as argmin does.
+    g = torch.Generator().manual_seed(rows * width)
+    batch = torch.randn(rows, width, generator=g, dtype=dtype)
+    tables = torch.randn(rows, groups, 16, generator=g, dtype=dtype).round(decimals=1)
+    tables[:, :, 8:] = tables[:, :, :8]
+    chosen = torch.randint(0, groups, (width,), generator=g)
+    a = torch.randn(width, width, generator=g, dtype=dtype)
+    u = torch.linalg.cholesky(a @ a.T + width * torch.eye(width, dtype=dtype)).T.contiguous()
+    codes, errors = learn._code_batch_cpu(batch, tables, chosen, u)
+    expected_codes, expected_errors = learn._code_batch_torch(batch.clone(), tables, chosen, u)
+    assert codes.max() < 8
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(errors, expected_errors)
+
+
 def test_row_loss_is_the_damped_hessian_weighted_error_of_the_codes():
     # GPTQ's per-column losses add up to the final quadratic error ½ (w - ŵ) H_damped (w - ŵ)ᵀ
     # of each row: an identity the error compensation must keep, whatever the batching.

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from sketchtune.api import compress_to_folder
-from sketchtune.compression import SketchConfig, compress_model
+from sketchtune.api import _streamed_blocks, compress_to_folder
+from sketchtune.compression import SketchConfig, compress_model, round_to_storage
 from sketchtune.errors import SketchtuneError
 from sketchtune.streaming import open_streaming
 from tests.conftest import char_tokenizer, tiny_model
@@ -34,13 +34,16 @@ def compress_streamed(folder, watch=None):
     stream = open_streaming(folder)
     assert stream is not None
     stream.load_outside_blocks()
+    blocks = _streamed_blocks(stream)  # as compress_to_folder streams
 
     def before_block(index):
-        stream.load_block(index)
+        blocks(index)
         if watch is not None:
             watch(stream.model, index)
 
     compress_model(stream.model, CALIB, CONFIG, progress=False, before_block=before_block)
+    stream.load_outside_blocks()
+    round_to_storage(stream.model)
     stream.check_complete()
     return stream.model
 
@@ -58,17 +61,20 @@ def test_streamed_compression_equals_compressing_the_loaded_model(tmp_path, fami
     assert_same_state(compress_streamed(folder), compress_loaded(folder))
 
 
-def test_blocks_after_the_current_one_stay_on_meta(tmp_path):
-    folder = save_dense(tmp_path / "m")
+@pytest.mark.parametrize("family,tied", [("llama", True), ("mistral", False)])
+def test_only_the_current_block_is_dense_while_blocks_are_sketched(tmp_path, family, tied):
+    folder = save_dense(tmp_path / "m", family)
     seen = []
 
     def watch(model, index):
         layers = model.model.layers
         dense = [not any(p.is_meta for p in block.parameters()) for block in layers]
-        seen.append(dense)
+        outside = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight]
+        seen.append((dense, [p.is_meta for p in outside]))
 
-    compress_streamed(folder, watch)
-    assert seen == [[True, False], [True, True]]
+    model = compress_streamed(folder, watch)
+    assert seen == [([True, False], [True] * 3), ([True, True], [True] * 3)]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
 def test_sharded_checkpoint_streams(tmp_path):

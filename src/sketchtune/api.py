@@ -13,15 +13,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hub, mixing
 from .atomic import check_output_dir
-from .compression import SketchConfig, compress_model
+from .compression import SketchConfig, compress_model, round_to_storage
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
 from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
-from .memory import peak_rss_bytes
+from .memory import keep_large_buffers_off_the_heap, peak_rss_bytes
 from .mixing import MixConfig
 from .serving import serving_disabled
 from .sources import load_dense, load_tokenizer, open_source_streaming
+from .streaming import StreamingSource
 from .task_sketch import apply_task_sketch, load_task_sketch
 
 
@@ -113,13 +114,14 @@ def compress_to_folder(
     check_output_dir(output, force)
     device = resolve_device(device)  # a bad or absent device fails before any work
     texts = read_text_file(calib_path) if calib_path else None
+    keep_large_buffers_off_the_heap()  # each block's MB-sized temporaries go back when freed
     opened = open_source_streaming(source)
     if opened is None:
         (model, tokenizer), before_block = load_dense(source), None
     else:
         stream, tokenizer = opened
         stream.load_outside_blocks()
-        model, before_block = stream.model, stream.load_block
+        model, before_block = stream.model, _streamed_blocks(stream)
     start = time.perf_counter()
     compress(
         model, tokenizer, config, texts, samples, seq_len, seed, progress=progress,
@@ -127,6 +129,8 @@ def compress_to_folder(
     )
     seconds = time.perf_counter() - start
     if opened is not None:
+        opened[0].load_outside_blocks()  # released while the blocks were sketched
+        round_to_storage(model)
         opened[0].check_complete()
     hub.save_sketched(model, tokenizer, output, force=force, max_shard_size=max_shard_size)
     return {
@@ -139,6 +143,19 @@ def compress_to_folder(
         "device": str(device),
         "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
     }
+
+
+def _streamed_blocks(stream: StreamingSource) -> Callable[[int], None]:
+    """`compress_model`'s `before_block` for a streamed source: the first block's inputs are
+    captured by then, so the embeddings and head wait on meta for the save; then each block is
+    read in turn."""
+
+    def before_block(index: int) -> None:
+        if index == 0:
+            stream.release_outside_blocks()
+        stream.load_block(index)
+
+    return before_block
 
 
 def mix_to_folder(

@@ -268,7 +268,8 @@ def compress_model(
 
     calibration: (n, seq_len) token ids, required when `config.data_aware`. Returns the sketched
     module names (relative to the model) and records them in `model.config.quantization_config`.
-    `before_block(index)` runs just before a block is sketched: streaming compression
+    `before_block(index)` runs just before a block is sketched, after the first block's inputs were
+    captured (nothing outside the blocks is used after that): streaming compression
     fills the block's weights from disk there, so the other blocks may still be on meta.
     """
     blocks_name, blocks = find_decoder_blocks(model)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import numba
+import numpy as np
 import torch
 
 from .kmeans import exact_kmeans_1d, lloyd_kmeans_1d
@@ -161,24 +163,71 @@ def assign_codes(
     w_perm = prepared.weight[:, prepared.perm]  # a copy: the errors are pushed into it
     upper, d_in = prepared.upper, w_perm.shape[1]
     perm = prepared.perm.tolist()
-    group_perm = group_of.to(w_perm.device)[prepared.perm].tolist()
+    group_perm = group_of.to(w_perm.device)[prepared.perm]
     codes = torch.empty(w_perm.shape, dtype=torch.int64, device=w_perm.device)
     row_loss = torch.zeros(w_perm.shape[0], dtype=w_perm.dtype, device=w_perm.device)
+    code_batch = _code_batch_cpu if w_perm.is_cpu else _code_batch_torch
     for start in range(0, d_in, column_batch):
         end = min(start + column_batch, d_in)
-        batch = w_perm[:, start:end]  # a view: pushed errors land in w_perm
-        errors = torch.empty_like(batch)
-        u_batch = upper[start:end, start:end]
-        for i in range(end - start):
-            table = tables[:, group_perm[start + i], :]  # (d_out, K)
-            code = nearest_code(batch[:, i], table)
-            codes[:, perm[start + i]] = code  # straight to original order
-            err = (batch[:, i] - table.gather(1, code[:, None]).squeeze(1)) / u_batch[i, i]
-            batch[:, i + 1 :] -= err[:, None] * u_batch[i, i + 1 :][None, :]
-            errors[:, i] = err
+        batch_codes, errors = code_batch(
+            w_perm[:, start:end], tables, group_perm[start:end], upper[start:end, start:end]
+        )
+        codes[:, perm[start:end]] = batch_codes  # straight to original order
         row_loss += errors.pow(2).sum(dim=1) / 2
         w_perm[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1)  # no product temporary
     return codes, row_loss
+
+
+def _code_batch_torch(
+    batch: torch.Tensor, tables: torch.Tensor, groups: torch.Tensor, u_batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of columns, each coded and its error pushed onto the batch's later columns:
+    batch (d_out, B) (overwritten), tables (d_out, n_groups, K), groups (B,), u_batch (B, B).
+    Returns codes (d_out, B) int64 and the scaled errors (d_out, B). Any device."""
+    codes = torch.empty(batch.shape, dtype=torch.int64, device=batch.device)
+    errors = torch.empty_like(batch)
+    for i, group in enumerate(groups.tolist()):
+        table = tables[:, group, :]  # (d_out, K)
+        code = nearest_code(batch[:, i], table)
+        codes[:, i] = code
+        err = (batch[:, i] - table.gather(1, code[:, None]).squeeze(1)) / u_batch[i, i]
+        batch[:, i + 1 :] -= err[:, None] * u_batch[i, i + 1 :][None, :]
+        errors[:, i] = err
+    return codes, errors
+
+
+def _code_batch_cpu(
+    batch: torch.Tensor, tables: torch.Tensor, groups: torch.Tensor, u_batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_code_batch_torch` compiled, one row at a time (rows are independent given U) over all
+    cores: the same operations in the same order, so the same bits, without ~10 tensor ops per
+    column, which dominated at large d_in (a 2048 x 8192 projection: 4x less time)."""
+    work = batch.contiguous().numpy().copy()
+    codes = np.empty(work.shape, dtype=np.int64)
+    errors = np.empty_like(work)
+    _code_rows(work, tables.contiguous().numpy(), groups.numpy(), u_batch.contiguous().numpy(),
+               codes, errors)
+    return torch.from_numpy(codes), torch.from_numpy(errors)
+
+
+@numba.njit(cache=True, parallel=True)
+def _code_rows(work, tables, groups, u, codes, errors):
+    rows, width = work.shape
+    k = tables.shape[2]
+    for r in numba.prange(rows):
+        for i in range(width):
+            table = tables[r, groups[i]]
+            w = work[r, i]
+            best, dist = 0, abs(w - table[0])
+            for c in range(1, k):  # the first nearest entry, as argmin takes it
+                d = abs(w - table[c])
+                if d < dist:
+                    best, dist = c, d
+            codes[r, i] = best
+            err = (w - table[best]) / u[i, i]
+            errors[r, i] = err
+            for j in range(i + 1, width):
+                work[r, j] -= err * u[i, j]
 
 
 def learn_sketch(

@@ -54,6 +54,19 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
+def keep_large_buffers_off_the_heap(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more by mmap, so that freeing one returns
+    it to the OS at once (glibc's mallopt; elsewhere nothing). glibc otherwise raises its mmap
+    threshold (up to 32 MiB) each time such a block is freed, and compression's MB-sized
+    temporaries then pile up in a heap that malloc_trim cannot always shrink. Process-wide."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):

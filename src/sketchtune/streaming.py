@@ -73,6 +73,20 @@ class StreamingSource:
         self._load([n for n in self.key_of if not n.startswith(prefix)])
         self.model.tie_weights()
 
+    def release_outside_blocks(self) -> None:
+        """Put the parts outside the blocks back on meta (tied ones included) and hand their
+        memory back: once the first block's inputs are captured, compression needs none of them
+        (the embeddings of a 128k vocabulary are 1 GB in fp32 at 2048 wide) until the save."""
+        prefix = f"{self.blocks_name}."
+        read = {n for n in self.key_of if not n.startswith(prefix)}
+        outside = {
+            name: torch.empty_like(tensor, device="meta")
+            for name, tensor in self.model.state_dict(keep_vars=True).items()
+            if name in read or is_tied_output(self.model, name)
+        }
+        self.model.load_state_dict(outside, strict=False, assign=True)
+        release_free_heap()
+
     def load_block(self, index: int) -> None:
         """Fill decoder block `index` (`compress_model` calls this as its `before_block`)."""
         prefix = f"{self.blocks_name}.{index}."
