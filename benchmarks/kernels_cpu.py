@@ -4,7 +4,8 @@ Prints, for a 4096 x 4096 layer (4 bits, gpr 4 unless told): the single-row LUT 
 torch's dense fp32 and bf16 GEMV, the time per weight at bits 2/3/4 (fp32 tables as in training,
 bf16 tables as stored and loaded for inference); the GEMV on SmolLM2-135M's layer shapes and its
 bf16 output head; prefill of 512 tokens against dense fp32 GEMM, a training step (forward +
-backward, 8 x 128 tokens) against the reference path, and the machine's streaming-read bandwidth
+backward, 8 x 128 tokens) against the reference path and, under bf16 autocast, against a dense
+layer with a trainable weight (the same three GEMMs), and the machine's streaming-read bandwidth
 with the floor it implies for the GEMV.
 Every time is the median of --repeats rounds in which the compared calls take turns (the
 machine is shared: expect noise in the times, less in the ratios).
@@ -26,6 +27,7 @@ from machine import machine_line
 from sketchtune import kernels
 from sketchtune.format import pack_codes
 from sketchtune.kernels import cpu
+from sketchtune.train import native_bf16
 
 # One SmolLM2-135M decoder layer's projections in call order: q, k, v, o, gate, up, down.
 SMOLLM2_LAYER = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
@@ -220,6 +222,26 @@ def main() -> None:
     print(
         f"train step 8x128 fwd+bwd: fast {t_fast * 1e3:8.1f} ms, reference {t_ref * 1e3:8.1f} "
         f"ms, speed-up {t_ref / t_fast:5.2f}x"
+    )
+
+    # Under bf16 autocast (what finetune picks on CPUs with bf16 instructions) the tiled paths run
+    # bf16 GEMMs; a dense layer with a trainable weight runs the same three GEMMs.
+    def dense_step() -> None:
+        xg = xt.clone().requires_grad_(True)
+        F.linear(xg, dense.clone().requires_grad_(True)).backward(grad)
+
+    def autocast(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        return run
+
+    pair = median_times({"sketch": autocast(step), "dense": autocast(dense_step)}, r)
+    print(
+        f"train step 8x128 fwd+bwd under bf16 autocast (native bf16: {native_bf16()}): sketch "
+        f"{pair['sketch'] * 1e3:8.1f} ms, dense trainable weight {pair['dense'] * 1e3:8.1f} ms, "
+        f"ratio {pair['sketch'] / pair['dense']:5.2f}; fp32 sketch step / bf16 sketch step "
+        f"{t_fast / pair['sketch']:5.2f}x"
     )
 
 

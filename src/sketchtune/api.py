@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import hub, mixing
 from .atomic import check_output_dir
-from .compression import SketchConfig, compress_model, round_to_storage
+from .compression import STORAGE_DTYPE, SketchConfig, compress_model
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
 from .devices import resolve_device
 from .errors import SketchtuneError
@@ -129,8 +129,9 @@ def compress_to_folder(
     )
     seconds = time.perf_counter() - start
     if opened is not None:
-        opened[0].load_outside_blocks()  # released while the blocks were sketched
-        round_to_storage(model)
+        # Released while the blocks were sketched; read back as they are saved (rounded exactly
+        # as round_to_storage rounds), so the save makes no copy of a 1 GB fp32 embedding.
+        opened[0].load_outside_blocks(STORAGE_DTYPE)
         opened[0].check_complete()
     hub.save_sketched(model, tokenizer, output, force=force, max_shard_size=max_shard_size)
     return {

@@ -36,8 +36,8 @@ class FinetuneConfig:
         f"more forward); default: on for models above {CHECKPOINTING_ABOVE:.0e} weights"
     ))
     bf16: bool | None = option(None, (
-        "bf16 autocast of the dense matmuls, values kept in fp32; default: on CUDA and on CPUs "
-        "with native bf16 (avx512_bf16 or amx_bf16)"
+        "bf16 autocast: dense and sketched matmuls in bf16 (fp32 accumulation), values kept as "
+        "fp32 masters; default: on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16)"
     ))
     limit: int | None = option(None, "use at most this many training examples", type=positive_int)
 

@@ -67,10 +67,11 @@ class StreamingSource:
         self.dtype = dtype
         self.blocks_name, _ = find_decoder_blocks(model)
 
-    def load_outside_blocks(self) -> None:
-        """Embeddings, final norm, head: everything the blocks do not hold."""
+    def load_outside_blocks(self, dtype: torch.dtype | None = None) -> None:
+        """Embeddings, final norm, head: everything the blocks do not hold, in `dtype` (default:
+        the source's skeleton dtype)."""
         prefix = f"{self.blocks_name}."
-        self._load([n for n in self.key_of if not n.startswith(prefix)])
+        self._load([n for n in self.key_of if not n.startswith(prefix)], dtype)
         self.model.tie_weights()
 
     def release_outside_blocks(self) -> None:
@@ -99,7 +100,8 @@ class StreamingSource:
         if left:
             raise SketchtuneError(f"{self.checkpoint.folder} leaves {left[:3]} unset")
 
-    def _load(self, names: list[str]) -> None:
+    def _load(self, names: list[str], dtype: torch.dtype | None = None) -> None:
+        dtype = dtype or self.dtype
         stored = self.checkpoint.read([self.key_of[n] for n in names])
         expected = self.model.state_dict()
         state = {}
@@ -110,7 +112,7 @@ class StreamingSource:
                     f"checkpoint tensor {self.key_of[name]} has shape {tuple(tensor.shape)}, "
                     f"its config expects {tuple(expected[name].shape)}"
                 )
-            state[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         self.model.load_state_dict(state, strict=False, assign=True)
 
 
