@@ -2,6 +2,12 @@
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +165,36 @@ def test_compare_extends_an_output_with_the_same_settings(tiny_model_dir, tiny_t
     assert [r["method"] for r in rows] == ["dense", "dora"]
     assert rows[0]["marker"] == "from the first run"  # not recomputed
     assert rows[1]["trainable_parameters"] > 0 and rows[1]["heldout_nll"] > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_job_process_ends_with_the_comparison_that_started_it():
+    # The parent starts a child as compare starts a job, reports its pid, and is then stopped.
+    script = (
+        "import subprocess, sys, time\n"
+        "from sketchtune.compare import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " preexec_fn=die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert _alive(child)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
