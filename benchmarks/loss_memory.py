@@ -9,6 +9,10 @@ the process's peak RSS (/proc/self/clear_refs), run `--steps` AdamW steps, read 
 (VmHWM). bf16 autocast follows what `finetune` would pick on this machine (train.native_bf16).
 
     .venv/bin/python benchmarks/loss_memory.py [--batch 8 --seq-len 256 --steps 2 --checkpointing]
+
+`--checkpointing-cost R` instead times what checkpointing costs: one process, the chunked loss,
+R rounds in which a step without and a step with checkpointing take turns (after one warm-up
+step each); prints the median seconds and their ratio, into loss_memory_gc_cost.json.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import json
 import subprocess
 import sys
 import time
+
+from machine import machine_line
 
 from sketchtune.atomic import write_json_atomic
 from sketchtune.memory import high_water_bytes, reset_high_water
@@ -83,18 +89,72 @@ def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bo
             "peak_rss_bytes": high_water_bytes()}
 
 
+def checkpointing_cost(batch: int, seq_len: int, rounds: int) -> dict:
+    import statistics
+
+    import torch
+
+    from sketchtune.kernels import cpu
+    from sketchtune.loss import causal_lm_loss
+    from sketchtune.train import native_bf16
+
+    cpu.available()
+    model = random_sketched_llama()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len),
+                        generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    bf16 = native_bf16()
+
+    def step(checkpointing: bool) -> float:
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        start = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = causal_lm_loss(model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times = {False: [], True: []}
+    for index in range(rounds + 1):
+        for checkpointing in (False, True):
+            seconds = step(checkpointing)
+            if index:  # the first round warms up
+                times[checkpointing].append(seconds)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"bf16": bf16, "rounds": rounds, "seconds_off": times[False], "seconds_on": times[True],
+            "median_off": off, "median_on": on, "on_over_off": on / off}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--checkpointing-cost", type=int, metavar="ROUNDS",
+                        help="time steps without and with checkpointing in turns instead")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help="default: benchmarks/results/loss_memory[_gc].json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq_len, args.steps,
                                 args.checkpointing)))
+        return
+
+    if args.checkpointing_cost:
+        print(machine_line())
+        cost = checkpointing_cost(args.batch, args.seq_len, args.checkpointing_cost)
+        print(f"step without / with checkpointing (median of {cost['rounds']} in turns): "
+              f"{cost['median_off']:.2f} / {cost['median_on']:.2f} s, "
+              f"with / without {cost['on_over_off']:.3f}x (bf16 autocast: {cost['bf16']})")
+        output = args.output or "benchmarks/results/loss_memory_gc_cost.json"
+        write_json_atomic(output, {"settings": vars(args), "machine": machine_line(), **cost})
+        print(f"written: {output}")
         return
 
     rows = {}
