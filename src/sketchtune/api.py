@@ -18,7 +18,7 @@ from .data.text import calibration_texts, heldout_texts, read_text_file, token_w
 from .devices import resolve_device
 from .errors import SketchtuneError
 from .evaluate.perplexity import perplexity
-from .memory import keep_large_buffers_off_the_heap, peak_rss_bytes
+from .memory import large_buffers_off_the_heap, peak_rss_bytes
 from .mixing import MixConfig
 from .serving import serving_disabled
 from .sources import load_dense, load_tokenizer, open_source_streaming
@@ -114,7 +114,6 @@ def compress_to_folder(
     check_output_dir(output, force)
     device = resolve_device(device)  # a bad or absent device fails before any work
     texts = read_text_file(calib_path) if calib_path else None
-    keep_large_buffers_off_the_heap()  # each block's MB-sized temporaries go back when freed
     opened = open_source_streaming(source)
     if opened is None:
         (model, tokenizer), before_block = load_dense(source), None
@@ -123,10 +122,11 @@ def compress_to_folder(
         stream.load_outside_blocks()
         model, before_block = stream.model, _streamed_blocks(stream)
     start = time.perf_counter()
-    compress(
-        model, tokenizer, config, texts, samples, seq_len, seed, progress=progress,
-        before_block=before_block, device=device,
-    )
+    with large_buffers_off_the_heap():  # each block's MB-sized temporaries go back when freed
+        compress(
+            model, tokenizer, config, texts, samples, seq_len, seed, progress=progress,
+            before_block=before_block, device=device,
+        )
     seconds = time.perf_counter() - start
     if opened is not None:
         # Released while the blocks were sketched; read back as they are saved (rounded exactly

@@ -7,7 +7,8 @@ import functools
 import os
 import resource
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,17 +55,28 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def keep_large_buffers_off_the_heap(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of `threshold` bytes or more by mmap, so that freeing one returns
-    it to the OS at once (glibc's mallopt; elsewhere nothing). glibc otherwise raises its mmap
-    threshold (up to 32 MiB) each time such a block is freed, and compression's MB-sized
-    temporaries then pile up in a heap that malloc_trim cannot always shrink. Process-wide."""
+@contextmanager
+def large_buffers_off_the_heap(threshold: int = 1 << 20) -> Iterator[None]:
+    """Inside the block, serve every allocation of `threshold` bytes or more by mmap, so that
+    freeing one returns it to the OS at once (glibc's mallopt; elsewhere nothing). glibc otherwise
+    raises its mmap threshold (up to 32 MiB) each time such a block is freed, and compression's
+    MB-sized temporaries then pile up in a heap that malloc_trim cannot always shrink. Afterwards
+    the threshold stays at that 32 MiB ceiling, where a long-running torch process's threshold ends
+    up anyway (glibc cannot be handed its own adjustment back): left at 1 MiB, every training step
+    would pay fresh pages for its tensors (SmolLM2 steps 20-40% slower)."""
     libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_CEILING)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_DYNAMIC_MMAP_CEILING = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 @functools.cache
