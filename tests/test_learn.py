@@ -138,7 +138,7 @@ def test_compiled_column_pass_gives_the_bits_of_the_torch_pass(dtype, rows, widt
     chosen = torch.randint(0, groups, (width,), generator=g)
     a = torch.randn(width, width, generator=g, dtype=dtype)
     u = torch.linalg.cholesky(a @ a.T + width * torch.eye(width, dtype=dtype)).T.contiguous()
-    codes, errors = learn._code_batch_cpu(batch, tables, chosen, u)
+    codes, errors = learn._code_batch_cpu(batch.clone(), tables, chosen, u)
     expected_codes, expected_errors = learn._code_batch_torch(batch.clone(), tables, chosen, u)
     assert codes.max() < 8
     assert torch.equal(codes, expected_codes)

@@ -201,8 +201,9 @@ def _code_batch_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_code_batch_torch` compiled, one row at a time (rows are independent given U) over all
     cores: the same operations in the same order, so the same bits, without ~10 tensor ops per
-    column, which dominated at large d_in (a 2048 x 8192 projection: 4x less time)."""
-    work = batch.contiguous().numpy().copy()
+    column, which dominated at large d_in (a 2048 x 8192 projection: 4x less time). `batch` may
+    be overwritten, as there."""
+    work = batch.contiguous().numpy()
     codes = np.empty(work.shape, dtype=np.int64)
     errors = np.empty_like(work)
     _code_rows(work, tables.contiguous().numpy(), groups.numpy(), u_batch.contiguous().numpy(),

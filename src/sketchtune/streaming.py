@@ -70,16 +70,14 @@ class StreamingSource:
     def load_outside_blocks(self, dtype: torch.dtype | None = None) -> None:
         """Embeddings, final norm, head: everything the blocks do not hold, in `dtype` (default:
         the source's skeleton dtype)."""
-        prefix = f"{self.blocks_name}."
-        self._load([n for n in self.key_of if not n.startswith(prefix)], dtype)
+        self._load(self._outside_names(), dtype)
         self.model.tie_weights()
 
     def release_outside_blocks(self) -> None:
         """Put the parts outside the blocks back on meta (tied ones included) and hand their
         memory back: once the first block's inputs are captured, compression needs none of them
         (the embeddings of a 128k vocabulary are 1 GB in fp32 at 2048 wide) until the save."""
-        prefix = f"{self.blocks_name}."
-        read = {n for n in self.key_of if not n.startswith(prefix)}
+        read = set(self._outside_names())
         outside = {
             name: torch.empty_like(tensor, device="meta")
             for name, tensor in self.model.state_dict(keep_vars=True).items()
@@ -93,6 +91,11 @@ class StreamingSource:
         prefix = f"{self.blocks_name}.{index}."
         release_free_heap()  # the previous block's dense weights and activations
         self._load([n for n in self.key_of if n.startswith(prefix)])
+
+    def _outside_names(self) -> list[str]:
+        """The checkpoint-backed state names outside the decoder blocks."""
+        prefix = f"{self.blocks_name}."
+        return [n for n in self.key_of if not n.startswith(prefix)]
 
     def check_complete(self) -> None:
         state = list(self.model.named_parameters()) + list(self.model.named_buffers())

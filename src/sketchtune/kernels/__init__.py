@@ -55,8 +55,9 @@ def lut_linear(
     without, unpacked (d_out, d_in) codes, which only the reference path takes. Under autocast x
     is cast to autocast's dtype first, as for a dense linear layer; the tables stay as they are.
     """
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    device = "cpu" if x.is_cpu else x.device.type  # is_cpu first: decode asks ~200 times a token
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
     if bits is None:
         return _LutLinear.apply(x, codes, values)
     if _fast_cpu(x, codes):

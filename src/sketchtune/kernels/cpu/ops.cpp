@@ -88,7 +88,6 @@ Sketch sketch_of(const Tensor& codes, const Tensor& values, int64_t bits, int64_
           values.size(1), bits};
 }
 
-
 int64_t grain_rows(int64_t d_in) { return std::max<int64_t>(1, kGrainWeights / d_in); }
 
 // Tile extent along one dimension: a multiple of 16 holding about kTileFloats with `other`.
@@ -160,6 +159,18 @@ Tensor gemm_rows(const Tensor& t, int64_t width, at::ScalarType dtype) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kDouble,
               "sketchtune: CPU kernels take float32, bfloat16 or float16 activations");
   return t.reshape({-1, width}).to(dtype).contiguous();
+}
+
+// Rows [row0, row0 + count) of a contiguous fp32 or bf16 matrix as fp32: in place, or widened
+// into a per-thread scratch (exact) that stays valid until this thread's next call.
+const float* fp32_rows(const Tensor& matrix, int64_t row0, int64_t count) {
+  const int64_t width = matrix.size(1);
+  if (matrix.scalar_type() == at::kFloat) return matrix.data_ptr<float>() + row0 * width;
+  thread_local std::vector<uint32_t> wide;
+  wide.resize(count * width);
+  const uint16_t* in = static_cast<const uint16_t*>(matrix.data_ptr()) + row0 * width;
+  for (int64_t i = 0; i < count * width; ++i) wide[i] = uint32_t{in[i]} << 16;
+  return reinterpret_cast<const float*>(wide.data());
 }
 
 // fp32 tables for dequantizing into a GEMM of `dtype`: for bf16, rounded to bf16 first, so a
@@ -315,20 +326,8 @@ Tensor lut_linear_values_grad_cpu(const Tensor& grad_out, const Tensor& x, const
     const int64_t n = std::min(rows, s.d_out - r0);
     Tensor tile = dw.narrow(0, 0, n);
     at::mm_out(tile, g.narrow(1, r0, n).t(), x2);
-    if (dtype == at::kFloat) {
-      const float* dwp = dw.data_ptr<float>();
-      parallel_rows(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
-        bin_rows(s, dwp + (b - r0) * d_in, d_in, b, e, gp);
-      });
-      continue;
-    }
-    const uint16_t* dwp = static_cast<const uint16_t*>(dw.data_ptr());
     parallel_rows(r0, r0 + n, grain_rows(d_in), [&](int64_t b, int64_t e) {
-      thread_local std::vector<uint32_t> wide;
-      wide.resize((e - b) * d_in);
-      const uint16_t* in = dwp + (b - r0) * d_in;
-      for (int64_t i = 0; i < (e - b) * d_in; ++i) wide[i] = uint32_t{in[i]} << 16;
-      bin_rows(s, reinterpret_cast<const float*>(wide.data()), d_in, b, e, gp);
+      bin_rows(s, fp32_rows(tile, b - r0, e - b), d_in, b, e, gp);
     });
   }
   return grad.to(values.scalar_type());
