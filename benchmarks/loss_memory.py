@@ -8,11 +8,14 @@ chunked loss can have to compute). Each variant runs in its own process: build t
 the process's peak RSS (/proc/self/clear_refs), run `--steps` AdamW steps, read the peak
 (VmHWM). bf16 autocast follows what `finetune` would pick on this machine (train.native_bf16).
 
-    .venv/bin/python benchmarks/loss_memory.py [--batch 8 --seq-len 256 --steps 2 --checkpointing]
+    .venv/bin/python benchmarks/loss_memory.py [--batch 8 --seq-len 256 --steps 2
+                                                --checkpointing auto|off|selective|full]
 
+`--checkpointing` defaults to what `finetune` picks for this shape ("auto": selective).
 `--checkpointing-cost R` instead times what checkpointing costs: one process, the chunked loss,
-R rounds in which a step without and a step with checkpointing take turns (after one warm-up
-step each); prints the median seconds and their ratio, into loss_memory_gc_cost.json.
+R rounds in which a step under each mode (off, selective, full) takes its turn (after one
+warm-up round); prints the median seconds and their ratios to "off", into
+loss_memory_checkpointing_cost.json.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ SMOLLM2_135M = dict(
     tie_word_embeddings=True, rope_theta=100000.0,
 )
 VARIANTS = ("plain", "chunked")
+MODES = ("off", "selective", "full")  # sketchtune.checkpointing
+
+
+def shape_weights(shape: dict) -> int:
+    """Weights of a Llama of `shape` (tied head): what `finetune`'s "auto" checkpointing reads."""
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    block = 2 * hidden * (hidden + kv) + 3 * hidden * inner + 2 * hidden  # q,o,k,v, mlp, norms
+    return shape["vocab_size"] * hidden + shape["num_hidden_layers"] * block + hidden
 
 
 def random_sketched_llama():
@@ -56,9 +68,10 @@ def random_sketched_llama():
     return model.train()
 
 
-def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bool) -> dict:
+def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: str) -> dict:
     import torch
 
+    from sketchtune import checkpointing as modes
     from sketchtune.kernels import cpu
     from sketchtune.loss import causal_lm_loss
     from sketchtune.memory import release_free_heap
@@ -66,8 +79,7 @@ def worker(variant: str, batch: int, seq_len: int, steps: int, checkpointing: bo
 
     cpu.available()  # builds or loads the C++ kernels before the clock starts
     model = random_sketched_llama()
-    if checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+    modes.enable(model, checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len),
                         generator=torch.Generator().manual_seed(1))
@@ -94,6 +106,7 @@ def checkpointing_cost(batch: int, seq_len: int, rounds: int) -> dict:
 
     import torch
 
+    from sketchtune import checkpointing as modes
     from sketchtune.kernels import cpu
     from sketchtune.loss import causal_lm_loss
     from sketchtune.train import native_bf16
@@ -106,11 +119,8 @@ def checkpointing_cost(batch: int, seq_len: int, rounds: int) -> dict:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     bf16 = native_bf16()
 
-    def step(checkpointing: bool) -> float:
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+    def step(mode: str) -> float:
+        modes.enable(model, mode)
         start = time.perf_counter()
         with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = causal_lm_loss(model, inputs)
@@ -119,15 +129,15 @@ def checkpointing_cost(batch: int, seq_len: int, rounds: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    times = {False: [], True: []}
+    times = {mode: [] for mode in MODES}
     for index in range(rounds + 1):
-        for checkpointing in (False, True):
-            seconds = step(checkpointing)
+        for mode in MODES:
+            seconds = step(mode)
             if index:  # the first round warms up
-                times[checkpointing].append(seconds)
-    off, on = statistics.median(times[False]), statistics.median(times[True])
-    return {"bf16": bf16, "rounds": rounds, "seconds_off": times[False], "seconds_on": times[True],
-            "median_off": off, "median_on": on, "on_over_off": on / off}
+                times[mode].append(seconds)
+    medians = {mode: statistics.median(times[mode]) for mode in MODES}
+    return {"bf16": bf16, "rounds": rounds, "seconds": times, "median": medians,
+            "over_off": {mode: medians[mode] / medians["off"] for mode in MODES}}
 
 
 def main() -> None:
@@ -135,12 +145,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--checkpointing", choices=("auto", *MODES), default="auto",
+                        help="activation checkpointing (auto: as finetune picks for this shape)")
     parser.add_argument("--checkpointing-cost", type=int, metavar="ROUNDS",
                         help="time steps without and with checkpointing in turns instead")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--output", help="default: benchmarks/results/loss_memory[_gc].json")
+    parser.add_argument("--output", help="default: benchmarks/results/loss_memory_<mode>.json")
     args = parser.parse_args()
+    if args.checkpointing == "auto":
+        from sketchtune.checkpointing import resolve
+
+        args.checkpointing = resolve("auto", shape_weights(SMOLLM2_135M))
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq_len, args.steps,
                                 args.checkpointing)))
@@ -149,19 +164,21 @@ def main() -> None:
     if args.checkpointing_cost:
         print(machine_line())
         cost = checkpointing_cost(args.batch, args.seq_len, args.checkpointing_cost)
-        print(f"step without / with checkpointing (median of {cost['rounds']} in turns): "
-              f"{cost['median_off']:.2f} / {cost['median_on']:.2f} s, "
-              f"with / without {cost['on_over_off']:.3f}x (bf16 autocast: {cost['bf16']})")
-        output = args.output or "benchmarks/results/loss_memory_gc_cost.json"
+        steps = ", ".join(f"{mode} {cost['median'][mode]:.2f} s ({cost['over_off'][mode]:.3f}x)"
+                          for mode in MODES)
+        print(f"step by checkpointing mode (median of {cost['rounds']} in turns; x: over off): "
+              f"{steps} (bf16 autocast: {cost['bf16']})")
+        output = args.output or "benchmarks/results/loss_memory_checkpointing_cost.json"
         write_json_atomic(output, {"settings": vars(args), "machine": machine_line(), **cost})
         print(f"written: {output}")
         return
 
+    print(machine_line())
     rows = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch),
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
-        done = subprocess.run(command + ["--checkpointing"] * args.checkpointing, check=True,
+        done = subprocess.run(command + ["--checkpointing", args.checkpointing], check=True,
                               capture_output=True, text=True)
         rows[variant] = row = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{variant:8s} peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB, "
@@ -169,9 +186,9 @@ def main() -> None:
     plain, chunked = rows["plain"], rows["chunked"]
     gap = max(abs(a - b) for a, b in zip(plain["losses"], chunked["losses"], strict=True))
     print(f"chunked / plain peak RSS: {chunked['peak_rss_bytes'] / plain['peak_rss_bytes']:.3f}x;"
-          f" largest loss difference {gap:.2e} (bf16 autocast: {plain['bf16']}, gradient "
+          f" largest loss difference {gap:.2e} (bf16 autocast: {plain['bf16']}, activation "
           f"checkpointing: {args.checkpointing})")
-    output = args.output or f"benchmarks/results/loss_memory{'_gc' * args.checkpointing}.json"
+    output = args.output or f"benchmarks/results/loss_memory_{args.checkpointing}.json"
     write_json_atomic(output, {"settings": vars(args), **rows})
     print(f"written: {output}")
 

@@ -305,9 +305,10 @@ class Trainee:
     """One method's model and AdamW, stepped through `causal_lm_loss` (the chunked loss every
     `sketchtune finetune` and `compare` run trains through)."""
 
-    def __init__(self, method: str, paths: dict, args, checkpointing: bool) -> None:
+    def __init__(self, method: str, paths: dict, args, checkpointing: str) -> None:
         import torch
 
+        from sketchtune import checkpointing as checkpointing_modes
         from sketchtune.api import load
         from sketchtune.baselines import lora_model, matched_lora_rank
         from sketchtune.loss import _causal_lm
@@ -327,8 +328,7 @@ class Trainee:
         self.model.train()
         lm = _causal_lm(self.model)
         lm.config.use_cache = False
-        if checkpointing:
-            lm.gradient_checkpointing_enable({"use_reentrant": False})
+        checkpointing_modes.enable(lm, checkpointing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
         self.autocast = autocast_on(args)
@@ -366,13 +366,11 @@ def batch_vocab(paths: dict, shape: str) -> int:
     return min(len(load_tokenizer(paths["dense"])), SHAPES[shape]["vocab_size"])
 
 
-def use_checkpointing(shape: str, args) -> bool:
-    """As `sketchtune finetune` decides it (on above CHECKPOINTING_ABOVE weights) unless set."""
-    from sketchtune.finetune_config import CHECKPOINTING_ABOVE
+def use_checkpointing(shape: str, args) -> str:
+    """The checkpointing mode, as `sketchtune finetune` resolves "auto" unless one is set."""
+    from sketchtune.checkpointing import resolve
 
-    if args.checkpointing != "auto":
-        return args.checkpointing == "on"
-    return counts(shape)["parameters"] > CHECKPOINTING_ABOVE
+    return resolve(args.checkpointing, counts(shape)["parameters"])
 
 
 def work_train(method: str, shape: str, paths: dict, args) -> dict:
@@ -936,9 +934,9 @@ def parse_args(argv=None):
                         help="timed steps after one warm-up, in each method's own process")
     parser.add_argument("--train-rounds", type=int, default=3,
                         help="rounds of the three methods stepping in turns in one process")
-    parser.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
-                        help="gradient checkpointing for every method (auto: as `sketchtune "
-                             "finetune` decides, on above 1e9 weights)")
+    parser.add_argument("--checkpointing", choices=("auto", "off", "selective", "full"),
+                        default="auto", help="activation checkpointing for every method (auto: "
+                        "as `sketchtune finetune`, full above 1e9 weights, else selective)")
     parser.add_argument("--bf16-autocast", choices=("auto", "on", "off"), default="auto",
                         help="bf16 autocast for every method (auto: as `sketchtune finetune`, "
                              "on where the CPU has native bf16)")

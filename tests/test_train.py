@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import sketchtune.train as train
+from sketchtune import checkpointing
 from sketchtune.cli import main
 from sketchtune.errors import SketchtuneError
 from sketchtune.hub import load
@@ -137,15 +138,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 def test_gradient_checkpointing_gives_the_same_values(sketched_tiny_dir, tiny_task_file, tmp_path):
     runs = {}
-    for checkpointing in (False, True):
-        out = tmp_path / f"gc-{checkpointing}"
-        config = FinetuneConfig(max_steps=2, lr=1e-2, gradient_checkpointing=checkpointing, **FAST)
+    for mode in ("off", "selective", "full"):
+        out = tmp_path / f"gc-{mode}"
+        config = FinetuneConfig(max_steps=2, lr=1e-2, gradient_checkpointing=mode, **FAST)
         finetune(sketched_tiny_dir, str(tiny_task_file), out, config, progress=False)
-        runs[checkpointing] = load_file(out / "values.safetensors")
+        runs[mode] = load_file(out / "values.safetensors")
         records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert any("tokens_per_second" in r for r in records)
-    for name, tensor in runs[False].items():
-        torch.testing.assert_close(runs[True][name], tensor, rtol=1e-5, atol=1e-6)
+        settings = load_task_sketch(out).info["training"]["settings"]
+        assert settings["gradient_checkpointing"] == mode
+    for other in ("selective", "full"):
+        for name, tensor in runs["off"].items():
+            torch.testing.assert_close(runs[other][name], tensor, rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_with_non_finite_values_is_never_written(sketched_tiny_dir, tiny_task_file,
@@ -215,9 +219,9 @@ def test_cli_rejects_bad_values_before_loading_anything(option, value, tmp_path,
 def test_checkpointing_and_bf16_defaults(sketched_tiny_dir, monkeypatch):
     model = load(sketched_tiny_dir)
     resolved = resolve_defaults(FinetuneConfig(), model)
-    assert resolved.gradient_checkpointing is False  # far below the threshold
+    assert resolved.gradient_checkpointing == "selective"  # far below the threshold
     assert resolved.bf16 is train.native_bf16()
-    monkeypatch.setattr(train, "CHECKPOINTING_ABOVE", 1000)
-    assert resolve_defaults(FinetuneConfig(), model).gradient_checkpointing is True
-    explicit = resolve_defaults(FinetuneConfig(gradient_checkpointing=False, bf16=False), model)
-    assert (explicit.gradient_checkpointing, explicit.bf16) == (False, False)
+    monkeypatch.setattr(checkpointing, "FULL_ABOVE", 1000)
+    assert resolve_defaults(FinetuneConfig(), model).gradient_checkpointing == "full"
+    explicit = resolve_defaults(FinetuneConfig(gradient_checkpointing="off", bf16=False), model)
+    assert (explicit.gradient_checkpointing, explicit.bf16) == ("off", False)

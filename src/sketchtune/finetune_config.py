@@ -7,10 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .checkpointing import FULL_ABOVE
 from .cliargs import option, positive_int
 from .errors import SketchtuneError
-
-CHECKPOINTING_ABOVE = 1_000_000_000  # weights; SmolLM2-135M: 5.9 GB per 8 x 256 step without
 
 
 @dataclass
@@ -31,9 +30,10 @@ class FinetuneConfig:
     checkpoints: bool = True  # every save_steps, for resuming; off for throwaway runs
     max_grad_norm: float = 1.0  # 0 disables clipping
     weight_decay: float = 0.0
-    gradient_checkpointing: bool | None = option(None, (
-        "keep only each block's input and recompute the rest in the backward (less memory, one "
-        f"more forward); default: on for models above {CHECKPOINTING_ABOVE:.0e} weights"
+    gradient_checkpointing: Literal["auto", "off", "selective", "full"] = option("auto", (
+        "what each block keeps for the backward: off (everything), selective (matmul and "
+        "attention outputs; norms and activations are recomputed), full (its input; the whole "
+        f"block is recomputed); auto: full above {FULL_ABOVE:.0e} weights, else selective"
     ))
     bf16: bool | None = option(None, (
         "bf16 autocast: dense and sketched matmuls in bf16 (fp32 accumulation), values kept as "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: 341 positions at a 49k vocabulary
+CHUNK_BYTES = 32 << 20  # fp32 logits of one chunk: 170 positions at a 49k vocabulary
 CHECK_VOCAB = 256  # logits compared with the model's own to find heads that are not linear
 
 _transformed_heads: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose logits != head(h)

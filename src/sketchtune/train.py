@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from . import checkpointing
 from .atomic import atomic_directory, check_output_dir
 from .data.overlap import test_overlap
 from .data.tasks import load_examples
 from .data.tokens import collate, tokenize_examples
 from .errors import SketchtuneError, first_line
-from .finetune_config import CHECKPOINTING_ABOVE, FinetuneConfig
+from .finetune_config import FinetuneConfig
 from .hub import load as load_sketched
 from .loss import causal_lm_loss
 from .plots import plot_loss
@@ -192,11 +193,9 @@ def native_bf16() -> bool:
 
 def resolve_defaults(config: FinetuneConfig, model: torch.nn.Module) -> FinetuneConfig:
     """`config` with the settings left to None (checkpointing, bf16) decided for `model` here."""
-    checkpointing = config.gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = model_weights(model) > CHECKPOINTING_ABOVE
+    mode = checkpointing.resolve(config.gradient_checkpointing, model_weights(model))
     bf16 = native_bf16() if config.bf16 is None else config.bf16
-    return replace(config, gradient_checkpointing=checkpointing, bf16=bf16)
+    return replace(config, gradient_checkpointing=mode, bf16=bf16)
 
 
 def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progress: bool):
@@ -222,8 +221,9 @@ def training_arguments(config: FinetuneConfig, run_dir: Path, steps: int, progre
         seed=config.seed,
         data_seed=config.seed,
         report_to=[],
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=config.gradient_checkpointing != "off",
+        activation_checkpointing_kwargs=checkpointing.checkpoint_kwargs(
+            config.gradient_checkpointing),
         use_cpu=not use_cuda,
         bf16=config.bf16,
         include_num_input_tokens_seen="non_padding",
@@ -353,8 +353,7 @@ def _finetune_run(base, data, output: Path, run_dir: Path, config: FinetuneConfi
         "train_loss": result.training_loss,
         "train_seconds": seconds,
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
-        "settings": {**asdict(config), "bf16": trainer.args.bf16,
-                     "gradient_checkpointing": trainer.args.activation_checkpointing},
+        "settings": asdict(resolve_defaults(config, model)),  # as trained: auto resolved
         "data_report": data_report,
     }
     if trainer.args.should_save:

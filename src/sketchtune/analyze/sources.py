@@ -193,7 +193,7 @@ def short_finetune(
         max_steps=settings.steps, lr=settings.lr, batch_size=settings.batch_size,
         seq_len=settings.seq_len, seed=settings.seed, warmup=0, lr_schedule="constant",
         max_grad_norm=0.0, logging_steps=1, checkpoints=False, bf16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing="off",
     )
     model = subject.model
     weights = [model.get_submodule(name).weight for name in subject.layers]
