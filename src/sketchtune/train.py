@@ -192,7 +192,8 @@ def native_bf16() -> bool:
 
 
 def resolve_defaults(config: FinetuneConfig, model: torch.nn.Module) -> FinetuneConfig:
-    """`config` with the settings left to None (checkpointing, bf16) decided for `model` here."""
+    """`config` with the settings left to the machine or model ("auto" checkpointing, None bf16)
+    decided for `model` here."""
     mode = checkpointing.resolve(config.gradient_checkpointing, model_weights(model))
     bf16 = native_bf16() if config.bf16 is None else config.bf16
     return replace(config, gradient_checkpointing=mode, bf16=bf16)
