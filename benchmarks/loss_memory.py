@@ -30,6 +30,7 @@ import time
 from machine import machine_line
 
 from sketchtune.atomic import write_json_atomic
+from sketchtune.checkpointing import MODES
 from sketchtune.memory import high_water_bytes, reset_high_water
 
 SMOLLM2_135M = dict(
@@ -38,7 +39,6 @@ SMOLLM2_135M = dict(
     tie_word_embeddings=True, rope_theta=100000.0,
 )
 VARIANTS = ("plain", "chunked")
-MODES = ("off", "selective", "full")  # sketchtune.checkpointing
 
 
 def shape_weights(shape: dict) -> int:

@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))  # machine.py, decode.py, train_vs_lora.py, loss_m
 from machine import machine_line  # noqa: E402
 
 from sketchtune.atomic import write_json_atomic  # noqa: E402
+from sketchtune.checkpointing import MODES  # noqa: E402
 from sketchtune.memory import (  # noqa: E402
     high_water_bytes,
     peak_rss_bytes,
@@ -934,7 +935,7 @@ def parse_args(argv=None):
                         help="timed steps after one warm-up, in each method's own process")
     parser.add_argument("--train-rounds", type=int, default=3,
                         help="rounds of the three methods stepping in turns in one process")
-    parser.add_argument("--checkpointing", choices=("auto", "off", "selective", "full"),
+    parser.add_argument("--checkpointing", choices=("auto", *MODES),
                         default="auto", help="activation checkpointing for every method (auto: "
                         "as `sketchtune finetune`, full above 1e9 weights, else selective)")
     parser.add_argument("--bf16-autocast", choices=("auto", "on", "off"), default="auto",

@@ -16,7 +16,7 @@ from sketchtune.baselines import lora_model
 from sketchtune.loss import causal_lm_loss
 from sketchtune.train import freeze_all_but_values
 
-MODES = ("off", "selective", "full")
+MODES = checkpointing.MODES
 
 
 class CountOps(TorchDispatchMode):

@@ -16,6 +16,7 @@ from functools import cache
 from typing import Literal
 
 Mode = Literal["off", "selective", "full"]
+MODES: tuple[Mode, ...] = ("off", "selective", "full")
 FULL_ABOVE = 1_000_000_000  # weights: "auto" picks "full" above, "selective" at or below
 
 # Ops whose outputs "selective" keeps: matmuls and attention (compute-bound, small outputs).
