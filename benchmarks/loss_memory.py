@@ -41,12 +41,18 @@ SMOLLM2_135M = dict(
 VARIANTS = ("plain", "chunked")
 
 
-def shape_weights(shape: dict) -> int:
-    """Weights of a Llama of `shape` (tied head): what `finetune`'s "auto" checkpointing reads."""
-    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
-    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    block = 2 * hidden * (hidden + kv) + 3 * hidden * inner + 2 * hidden  # q,o,k,v, mlp, norms
-    return shape["vocab_size"] * hidden + shape["num_hidden_layers"] * block + hidden
+def finetune_mode() -> str:
+    """The checkpointing mode `finetune`'s "auto" picks at this shape (its weights counted on a
+    meta-device skeleton, as `train.resolve_defaults` counts a loaded model's)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sketchtune.checkpointing import resolve
+    from sketchtune.train import model_weights
+
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+    return resolve("auto", model_weights(skeleton))
 
 
 def random_sketched_llama():
@@ -153,9 +159,7 @@ def main() -> None:
     parser.add_argument("--output", help="default: benchmarks/results/loss_memory_<mode>.json")
     args = parser.parse_args()
     if args.checkpointing == "auto":
-        from sketchtune.checkpointing import resolve
-
-        args.checkpointing = resolve("auto", shape_weights(SMOLLM2_135M))
+        args.checkpointing = finetune_mode()
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq_len, args.steps,
                                 args.checkpointing)))

@@ -138,7 +138,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 def test_gradient_checkpointing_gives_the_same_values(sketched_tiny_dir, tiny_task_file, tmp_path):
     runs = {}
-    for mode in ("off", "selective", "full"):
+    for mode in checkpointing.MODES:
         out = tmp_path / f"gc-{mode}"
         config = FinetuneConfig(max_steps=2, lr=1e-2, gradient_checkpointing=mode, **FAST)
         finetune(sketched_tiny_dir, str(tiny_task_file), out, config, progress=False)
