@@ -9,6 +9,7 @@ from sketchtune.compare import CompareConfig
 from sketchtune.compare_methods import split_training
 from sketchtune.evaluate.stats import sign_flip_p
 from sketchtune.protocols import PRESETS, preset_config
+from sketchtune.report import _plotted
 from sketchtune.significance import comparisons, summary
 from tests.test_compare import shared_data_available
 
@@ -36,6 +37,16 @@ def test_seeds_pool_per_item_before_the_paired_test():
     assert {c["verdict"] for c in found.values()} == {"within noise"}  # 3 items prove nothing
     means = summary(rows[:2])["held-out NLL"]
     assert means["mean"] == pytest.approx((6 / 6 + 6.2 / 6) / 2) and means["seeds"] == 2
+
+
+def test_the_chart_spans_mean_plus_minus_std_over_seeds():
+    rows = [fake_row("sketch", 1, [1.0, 3.0], [1, 0]), fake_row("sketch", 2, [2.0, 4.0], [1, 1])]
+    (plotted,) = _plotted({"rows": rows, "settings": {"tasks": ["t"]}})
+    nll_a, nll_b = 4.0 / 4, 6.0 / 4  # summed losses over 4 tokens per seed
+    std = abs(nll_b - nll_a) / 2 ** 0.5  # sample std of two values
+    assert plotted["heldout_nll"] == pytest.approx((nll_a + nll_b) / 2)
+    low, high = plotted["heldout"]["nll_ci95"]
+    assert (low, high) == pytest.approx(((nll_a + nll_b) / 2 - std, (nll_a + nll_b) / 2 + std))
 
 
 def test_validation_split_is_carved_from_training_once(tiny_task_file):

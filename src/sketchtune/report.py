@@ -130,6 +130,8 @@ def _plotted(results: dict) -> list[dict]:
             m = means[f"{t} loglik acc"]
             tasks[t] = {"loglik": {"accuracy": m["mean"],
                                    "ci95": [m["mean"] - m["std"], m["mean"] + m["std"]]}}
-        plotted.append({"method": method, "heldout_nll": means["held-out NLL"]["mean"],
-                        "tasks": tasks})
+        nll = means["held-out NLL"]
+        plotted.append({"method": method, "heldout_nll": nll["mean"], "tasks": tasks,
+                        "heldout": {"nll_ci95": [nll["mean"] - nll["std"],
+                                                 nll["mean"] + nll["std"]]}})
     return plotted
