@@ -51,6 +51,25 @@ def test_compress_finetune_eval_end_to_end(tmp_path, tiny_model_dir, tiny_task_f
     assert perplexities[2] != perplexities[1]  # the task sketch was applied
 
 
+def test_compress_calibrates_on_an_instruction_file_or_a_named_task(
+    tmp_path, tiny_model_dir, tiny_task_file, capsys
+):
+    from safetensors.torch import load_file
+
+    folders = {}
+    for name, extra in (("shipped", []), ("task", ["--calib", tiny_task_file])):
+        folders[name] = tmp_path / name
+        code, _, err = run(capsys, "compress", tiny_model_dir, "-o", folders[name],
+                           "--samples", 2, "--seq-len", 16, *extra)
+        assert code == 0, err
+    shipped, task = (load_file(folders[n] / "model.safetensors") for n in ("shipped", "task"))
+    assert shipped.keys() == task.keys()
+    assert any(not shipped[k].equal(task[k]) for k in shipped)  # other activations, other sketch
+    line = one_line_error(*run(capsys, "compress", tiny_model_dir, "-o", tmp_path / "x",
+                               "--calib", "no-such-task")[::2])
+    assert "unknown task 'no-such-task'" in line and not (tmp_path / "x").exists()
+
+
 def one_line_error(code, err):
     assert code == 2
     # Progress bars may precede it on stderr; the error itself is one line and no traceback.

@@ -1,12 +1,13 @@
 """compare --lr-grid, --seeds and the loftq row on a tiny model; seeds pooled into paired tests."""
 
+import hashlib
 import json
 
 import pytest
 
 from sketchtune.cli import main
-from sketchtune.compare import CompareConfig
-from sketchtune.compare_methods import split_training
+from sketchtune.compare import CompareConfig, _same_run
+from sketchtune.compare_methods import _base_name, sketch_calibration, split_training
 from sketchtune.evaluate.stats import sign_flip_p
 from sketchtune.protocols import PRESETS, preset_config
 from sketchtune.report import _plotted
@@ -57,6 +58,30 @@ def test_validation_split_is_carved_from_training_once(tiny_task_file):
     assert not {e.instruction for e in val} & {e.instruction for e in train}
     assert split_training(CompareConfig(**{**cfg.__dict__, "seed": 7})) == (train, val)
     assert split_training(CompareConfig(**{**cfg.__dict__, "lr_grid": False}))[1] == []
+
+
+def test_calibrating_on_the_training_data_leaves_the_validation_items_out(tiny_task_file):
+    cfg = CompareConfig(model="m", data=str(tiny_task_file), tasks=["ARC-Easy"], lr_grid=True,
+                        val_items=5, calib=str(tiny_task_file))
+    texts = sketch_calibration(cfg)
+    train, val = split_training(cfg)
+    assert len(texts) == len(train) == 31
+    assert all(any(e.instruction in t for t in texts) for e in train)
+    assert not any(e.instruction + "\n" in t for e in val for t in texts)
+    assert sketch_calibration(CompareConfig(**{**cfg.__dict__, "calib": None})) is None
+
+
+def test_a_new_calibration_setting_keeps_the_bases_and_rows_run_before_it(tiny_task_file):
+    cfg = CompareConfig(model="m", data=str(tiny_task_file), tasks=["ARC-Easy"])
+    # the name every base compressed from the shipped text had before `calib` existed
+    made = {"model": "m", "bits": 4, "gpr": 4, "samples": 32, "seq_len": 512}
+    digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
+    assert _base_name(cfg, 4) == f"base-gpr4-{digest}"
+    calibrated = CompareConfig(**{**cfg.__dict__, "calib": "gsm8k"})
+    assert _base_name(calibrated, 4) != _base_name(cfg, 4)
+    kept = {k: v for k, v in cfg.__dict__.items() if k != "calib"}  # a row kept before the field
+    assert _same_run(kept, cfg.__dict__)
+    assert not _same_run(kept, calibrated.__dict__)
 
 
 def test_presets_are_the_protocols():

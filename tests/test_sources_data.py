@@ -181,3 +181,29 @@ def test_smollm2_converts_loads_and_generates():
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
     assert "Paris" in answer
+
+
+def test_a_named_task_calibrates_on_the_text_fine_tuning_reads(tokenizer):
+    from sketchtune.data.tasks import calibration_source, load_examples
+    from sketchtune.data.tokens import tokenize_examples
+
+    examples = load_examples("piqa", "train")[0]
+    texts = calibration_source("piqa")
+    assert len(texts) == len(examples)
+    trained = tokenize_examples(examples[:5], tokenizer, 10_000)[0]["input_ids"]
+    calibrated = tokenizer(texts[:5], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    # the same tokens, but the EOS that training appends (calibration joins texts by EOS)
+    assert [ids[:-1] for ids in trained] == calibrated and all(ids[-1] == eos for ids in trained)
+    with pytest.raises(SketchtuneError, match="unknown task"):
+        calibration_source("no-such-task")
+
+
+def test_instruction_files_calibrate_as_examples_text_files_as_text(tiny_task_file, tmp_path):
+    from sketchtune.data.tasks import calibration_source
+
+    texts = calibration_source(str(tiny_task_file))
+    assert len(texts) == 36 and texts[0].endswith("### Response:\nthe sum is 0")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert calibration_source(str(plain)) == ["one", "two"]

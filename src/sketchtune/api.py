@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import hub, mixing
 from .atomic import check_output_dir
 from .compression import STORAGE_DTYPE, SketchConfig, compress_model
+from .data.tasks import calibration_source
 from .data.text import calibration_texts, heldout_texts, read_text_file, token_windows
 from .devices import resolve_device
 from .errors import SketchtuneError
@@ -99,7 +100,7 @@ def compress_to_folder(
     config: SketchConfig,
     samples: int = 32,
     seq_len: int = 512,
-    calib_path: str | None = None,
+    calib: str | None = None,
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
@@ -113,7 +114,7 @@ def compress_to_folder(
     """
     check_output_dir(output, force)
     device = resolve_device(device)  # a bad or absent device fails before any work
-    texts = read_text_file(calib_path) if calib_path else None
+    texts = calibration_source(calib) if calib else None
     opened = open_source_streaming(source)
     if opened is None:
         (model, tokenizer), before_block = load_dense(source), None

@@ -11,6 +11,7 @@ from .cliargs import add_options, config_from_args, positive_int
 from .compare import CompareConfig
 from .compression import SketchConfig
 from .data.registry import MIX, task_names
+from .data.tasks import CALIB_HELP
 from .devices import DEVICE_HELP
 from .errors import SketchtuneError
 from .finetune_config import FinetuneConfig
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, SketchConfig)
     p.add_argument("--samples", type=positive_int, default=32, help="calibration sequences")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
-    p.add_argument("--calib", help="calibration text file (.txt, .json, .jsonl)")
+    p.add_argument("--calib", help=CALIB_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=f"where blocks are sketched: {DEVICE_HELP}")
     p.add_argument("--max-shard-size", type=_size, default="5GB",

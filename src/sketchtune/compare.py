@@ -23,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .atomic import atomic_directory, check_output_dir, write_json_atomic
@@ -61,6 +61,10 @@ class CompareConfig:
     generate_limit: int = option(0, "generation items per task (slow on CPU); 0 skips it")
     calib_samples: int = option(32, "calibration sequences", flag="samples", type=positive_int)
     calib_seq_len: int = option(512, "tokens per calibration sequence", type=positive_int)
+    calib: str | None = option(
+        None, "the sketch's calibration text, as compress --calib; naming --data calibrates on "
+        "the examples every method trains on (the validation items left out)",
+    )
     sketched: str | None = option(
         None, "reuse this compressed base instead of compressing (must match --bits/--gpr)"
     )
@@ -219,6 +223,7 @@ def _earlier_results(output: Path, settings: dict) -> dict:
     return {}
 
 
+_DEFAULTS = {f.name: f.default for f in fields(CompareConfig) if f.default is not MISSING}
 # None changes a kept row: which other methods run, where trained weights go, how many seeds.
 # A row depends on its own rate (in its key), not on the grid it was one rate of: a grid extended
 # by a rate reuses the rows already run.
@@ -227,9 +232,10 @@ _NOT_SETTINGS = ("methods", "save_trained", "seeds", "lr_grid_sketch", "lr_grid_
 
 def _same_run(a: dict, b: dict) -> bool:
     """Whether a kept row answers these settings: all must match but those that leave a method's
-    row as it is (a row does not depend on which other methods or seeds run beside it)."""
+    row as it is (a row does not depend on which other methods or seeds run beside it). A field
+    added since a row was kept counts at its default, which is how that row ran."""
     def settings(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in _NOT_SETTINGS}
+        return {k: v for k, v in {**_DEFAULTS, **d}.items() if k not in _NOT_SETTINGS}
 
     return settings(a) == settings(b)
 

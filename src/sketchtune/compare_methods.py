@@ -91,7 +91,7 @@ def _sketched_base(cfg: CompareConfig, gpr: int, cache: Path | None):
         folder = cache / _base_name(cfg, gpr) if cache else None
         if folder is None or not folder.is_dir():
             compress(model, tokenizer, SketchConfig(bits=cfg.bits, gpr=gpr),
-                     samples=cfg.calib_samples, seq_len=cfg.calib_seq_len)
+                     sketch_calibration(cfg), cfg.calib_samples, cfg.calib_seq_len)
             if folder is None:
                 freeze_all_but_values(model)
                 return model, tokenizer
@@ -102,10 +102,24 @@ def _sketched_base(cfg: CompareConfig, gpr: int, cache: Path | None):
     return model, tokenizer
 
 
+def sketch_calibration(cfg: CompareConfig) -> list[str] | None:
+    """The texts the sketch is calibrated on: `--calib`, where it names the training data the
+    examples trained on (so no validation item is calibrated on); None: the shipped text."""
+    from .data.tasks import calibration_source, example_texts
+
+    if cfg.calib is None:
+        return None
+    if cfg.calib == cfg.data:
+        return example_texts(split_training(cfg)[0])
+    return calibration_source(cfg.calib, cfg.data_root)
+
+
 def _base_name(cfg: CompareConfig, gpr: int) -> str:
     """The cached base's folder, named by everything its compression depends on."""
     made = {"model": cfg.model, "bits": cfg.bits, "gpr": gpr, "samples": cfg.calib_samples,
             "seq_len": cfg.calib_seq_len}
+    if cfg.calib is not None:  # the shipped text leaves the names of earlier bases as they were
+        made["calib"] = cfg.calib
     digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
     return f"base-gpr{gpr}-{digest}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cliargs import at_least, positive_int
+from ..data.tasks import CALIB_HELP
 from ..errors import SketchtuneError
 from ..format import SUPPORTED_BITS, SUPPORTED_GPR
 
@@ -38,7 +39,7 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
                    help="rows per layer for the sketch errors (0: all; k-means dominates the time)")
     p.add_argument("--hessian-samples", type=positive_int, default=4, help="calibration windows")
     p.add_argument("--hessian-seq-len", type=positive_int, default=256)
-    p.add_argument("--calib", help="calibration text file (default: the shipped text)")
+    p.add_argument("--calib", help=CALIB_HELP)
     p.add_argument("--synthetic", action="store_true",
                    help="also compare on synthetic matrix classes (alone when MODEL is left out)")
     p.add_argument("--data-root", help="folder with the shared data (default ../shared/data)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..data.text import calibration_texts, read_text_file, token_windows
+from ..data.tasks import calibration_source
+from ..data.text import calibration_texts, token_windows
 from ..errors import SketchtuneError
 from .report import Budget, analyze_layers, summary_text, win_counts
 from .sources import FinetuneSettings, collect_hessians, delta_source, load_subject, short_finetune
@@ -58,7 +59,7 @@ def analyze_model(request: AnalyzeRequest, progress: bool = True) -> dict:
 
     start = time.perf_counter()  # the fine-tune restored the base: these Hessians are the base's
     h = request.hessian
-    texts = read_text_file(h.calib) if h.calib else calibration_texts()
+    texts = calibration_source(h.calib) if h.calib else calibration_texts()
     windows = token_windows(subject.tokenizer, texts, h.samples, h.seq_len, h.seed)
     hessians = collect_hessians(subject.model, subject.layers, windows)
     timings["hessians"] = time.perf_counter() - start

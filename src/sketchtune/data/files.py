@@ -84,11 +84,11 @@ def load_file(
 ) -> tuple[list[Example], dict]:
     """The usable examples of one file (`parse`: one record -> example or skip reason)."""
     tally = Tally(dedupe)
-    examples = tally.keep(parse(r) for r in _read_records(path))
+    examples = tally.keep(parse(r) for r in read_records(path))
     return examples, tally.report(str(path), len(examples))
 
 
-def _read_records(path: Path) -> list:
+def read_records(path: Path) -> list:
     """The records of a .json list or a .jsonl file; None for each .jsonl line that is not JSON."""
     if not path.is_file():
         raise SketchtuneError(f"{path}: no such file")

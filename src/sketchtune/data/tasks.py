@@ -17,12 +17,17 @@ import os
 from pathlib import Path
 
 from ..errors import SketchtuneError
-from .files import find_data_root, load_file
+from .files import find_data_root, load_file, read_records
 from .olmo_files import load_commonsense, load_olmo
 from .records import Example, instruction_record
 from .registry import COMMONSENSE, MIX, TASKS, Task, find_task
+from .templates import format_prompt
+from .text import read_text_file
 
 SPLITS = ("train", "test")
+CALIB_HELP = ("calibration text: a file (.txt; .json/.jsonl records with a 'text' field), or a "
+              "task or the commonsense mix by name, its training examples as fine-tuning reads "
+              "them (default: the shipped Wikipedia passages)")
 
 
 def load_examples(
@@ -57,6 +62,30 @@ def load_examples(
     if split == "train" and task.olmo:  # piqa, social_i_qa, winogrande
         return load_olmo(task.name, split)
     raise SketchtuneError(f"{name} has no {split} split (no {relative})")
+
+
+def example_texts(examples: list[Example]) -> list[str]:
+    """Examples as the text fine-tuning reads: the prompt, then the response."""
+    return [format_prompt(e.instruction, e.input) + e.output for e in examples]
+
+
+def calibration_source(spec: str, data_root: str | None = None) -> list[str]:
+    """Calibration texts: a text file (`text.read_text_file`), or a task, the training mix or an
+    instruction file (`load_examples`), whose training examples are calibrated on as
+    fine-tuning will read them."""
+    if _looks_like_path(spec) and not _instruction_file(Path(spec).expanduser()):
+        return read_text_file(spec)
+    return example_texts(load_examples(spec, "train", data_root)[0])
+
+
+def _instruction_file(path: Path) -> bool:
+    """Whether a .json/.jsonl file holds instruction records rather than "text" ones (its first
+    record decides)."""
+    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
+        return False
+    records = read_records(path)
+    first = next((r for r in records if r is not None), None)
+    return isinstance(first, dict) and "text" not in first
 
 
 def _looks_like_path(spec: str) -> bool:
