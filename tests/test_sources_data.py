@@ -207,3 +207,7 @@ def test_instruction_files_calibrate_as_examples_text_files_as_text(tiny_task_fi
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"text": "one"}\n{"text": "two"}\n')
     assert calibration_source(str(plain)) == ["one", "two"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"instruction": "q", "output": ""}\n')
+    with pytest.raises(SketchtuneError, match="no training examples"):  # not the shipped text
+        calibration_source(str(empty))

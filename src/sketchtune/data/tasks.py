@@ -75,7 +75,13 @@ def calibration_source(spec: str, data_root: str | None = None) -> list[str]:
     fine-tuning will read them."""
     if _looks_like_path(spec) and not _instruction_file(Path(spec).expanduser()):
         return read_text_file(spec)
-    return example_texts(load_examples(spec, "train", data_root)[0])
+    texts = example_texts(load_examples(spec, "train", data_root)[0])
+    if not texts:  # never fall back to the shipped text unasked
+        raise SketchtuneError(f"{spec}: no training examples to calibrate on")
+    return texts
+
+
+_INSTRUCTION_KEYS = ({"instruction", "output"}, {"prompt", "completion"})  # records.py's two forms
 
 
 def _instruction_file(path: Path) -> bool:
@@ -83,9 +89,8 @@ def _instruction_file(path: Path) -> bool:
     record decides)."""
     if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
         return False
-    records = read_records(path)
-    first = next((r for r in records if r is not None), None)
-    return isinstance(first, dict) and "text" not in first
+    first = next((r for r in read_records(path) if r is not None), None)
+    return isinstance(first, dict) and any(keys <= first.keys() for keys in _INSTRUCTION_KEYS)
 
 
 def _looks_like_path(spec: str) -> bool:
