@@ -223,7 +223,9 @@ def _earlier_results(output: Path, settings: dict) -> dict:
     return {}
 
 
+# A kept row's settings lack the fields added after it ran; it ran at their defaults.
 _DEFAULTS = {f.name: f.default for f in fields(CompareConfig) if f.default is not MISSING}
+
 # None changes a kept row: which other methods run, where trained weights go, how many seeds.
 # A row depends on its own rate (in its key), not on the grid it was one rate of: a grid extended
 # by a rate reuses the rows already run.

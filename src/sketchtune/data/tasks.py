@@ -25,9 +25,9 @@ from .templates import format_prompt
 from .text import read_text_file
 
 SPLITS = ("train", "test")
-CALIB_HELP = ("calibration text: a file (.txt; .json/.jsonl records with a 'text' field), or a "
-              "task or the commonsense mix by name, its training examples as fine-tuning reads "
-              "them (default: the shipped Wikipedia passages)")
+CALIB_HELP = ("calibration text: a file (.txt; .json/.jsonl of 'text' records), or training "
+              "examples as fine-tuning reads them: a task or the commonsense mix by name, or a "
+              ".json/.jsonl instruction file (default: the shipped Wikipedia passages)")
 
 
 def load_examples(
