@@ -10,8 +10,8 @@ from sketchtune.compare import CompareConfig, _same_run
 from sketchtune.compare_methods import _base_name, sketch_calibration, split_training
 from sketchtune.evaluate.stats import sign_flip_p
 from sketchtune.protocols import PRESETS, preset_config
-from sketchtune.report import _plotted
-from sketchtune.significance import comparisons, summary
+from sketchtune.report import _plotted, table_rows
+from sketchtune.significance import POOLED, comparisons, summary
 from tests.test_compare import shared_data_available
 
 
@@ -38,6 +38,33 @@ def test_seeds_pool_per_item_before_the_paired_test():
     assert {c["verdict"] for c in found.values()} == {"within noise"}  # 3 items prove nothing
     means = summary(rows[:2])["held-out NLL"]
     assert means["mean"] == pytest.approx((6 / 6 + 6.2 / 6) / 2) and means["seeds"] == 2
+
+
+def test_pooled_accuracy_counts_every_loglik_item_of_every_task_once():
+    def loglik(correct):
+        return {"per_item": {"correct": correct}, "accuracy": sum(correct) / len(correct),
+                "acc_norm": 0.0}
+
+    def row(method, seed, first, second):
+        return {**fake_row(method, seed, [1.0], first), "heldout_nll": 0.5, "lr": 1e-3,
+                "trainable_parameters": 1, "base_bytes": 1, "peak_rss_bytes": 1,
+                "tasks": {"a": {"loglik": loglik(first)},
+                          "b": {"loglik": loglik(second),
+                                "generate": {"per_item": {"correct": [1, 1, 1]}}}}}
+
+    rows = [row("sketch", 1, [1, 1, 0], [1, 0, 0, 0, 0, 0, 0]),
+            row("sketch", 2, [1, 0, 0], [1, 1, 0, 0, 0, 0, 0]),
+            row("lora", 1, [0, 0, 0], [0, 0, 0, 0, 0, 0, 0])]
+    pooled = {c["metric"]: c for c in comparisons(rows)}[POOLED]
+    # micro accuracy: the 3 items of a weigh 3/10, not 1/2 as a mean of task accuracies would
+    assert pooled["a_value"] == pytest.approx((1 + 0.5 + 0 + 1 + 0.5) / 10)
+    assert pooled["b_value"] == 0 and pooled["items"] == 10
+    assert pooled["p"] == pytest.approx(sign_flip_p([2, 1, 2, 1]))  # generate items left out
+    assert summary(rows[:2])[POOLED]["mean"] == pytest.approx((3 / 10 + 3 / 10) / 2)
+    header, cells = table_rows({"rows": rows, "settings": {"tasks": ["a", "b"]}})
+    assert [c[header.index(POOLED)] for c in cells] == ["0.300 ± 0.000", "0.000"]
+    one_task = {**rows[2], "tasks": {"a": rows[2]["tasks"]["a"]}}
+    assert POOLED not in {c["metric"] for c in comparisons([rows[0], one_task])}
 
 
 def test_the_chart_spans_mean_plus_minus_std_over_seeds():

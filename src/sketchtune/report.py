@@ -9,7 +9,7 @@ from pathlib import Path
 from .data.registry import loglik_tasks
 from .evaluate.stats import ALPHA
 from .plots import plot_comparison
-from .significance import by_method, mean_std, summary
+from .significance import POOLED, by_method, mean_std, metric_value, metrics, summary
 
 
 def _ci(result: dict) -> str:
@@ -29,6 +29,14 @@ def _scores(rows: list[dict], name: str, one_seed: str, digits: int = 3) -> str:
     return mean_std(summary(rows)[name], digits)
 
 
+def _pooled(rows: list[dict]) -> str:
+    """Accuracy over every log-likelihood item of every task; "-" for rows without items."""
+    found = metrics(rows[0]).get(POOLED)
+    if found is None:
+        return "-"
+    return _scores(rows, POOLED, f"{metric_value(found[0], found[1]):.3f}")
+
+
 def _mean(rows: list[dict], get) -> float:
     return sum(get(r) for r in rows) / len(rows)
 
@@ -41,6 +49,9 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     generate = bool(results["settings"].get("generate_limit"))
     header = ["method", "held-out NLL [95% CI] or mean ± std over seeds", "seeds", "lr",
               "trainable (M)", "base in memory (MB)", "train tokens/s", "peak memory (MB)"]
+    pooled = len(scored) > 1
+    if pooled:
+        header += [POOLED]
     header += [f"{t} loglik acc [95% CI]" for t in scored]
     header += [f"{t} acc_norm" for t in scored]
     if generate:
@@ -59,6 +70,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             if "train_tokens_per_second" in first else "-",
             f"{max(r['peak_rss_bytes'] for r in group) / 1e6:.0f}",
         ]
+        if pooled:
+            cells += [_pooled(group)]
         cells += [_scores(group, f"{t} loglik acc", _ci(first["tasks"][t]["loglik"]))
                   for t in scored]
         cells += [f"{_mean(group, lambda r, t=t: r['tasks'][t]['loglik']['acc_norm']):.3f}"

@@ -24,15 +24,25 @@ def by_method(rows: Iterable[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
+POOLED = "pooled loglik acc"
+
+
 def metrics(row: dict) -> dict[str, tuple[list[float], list[int] | None, bool]]:
     """Each scored metric of a row: (per-item outcomes, per-item weights, lower is better).
     NLL items are weighted by their response tokens; accuracies count each item once."""
     found = {"held-out NLL": (row["heldout"]["per_item"]["loss"],
                               row["heldout"]["per_item"]["tokens"], True)}
+    pooled: list[float] = []
     for task, scores in row["tasks"].items():
         for protocol, result in scores.items():
             if "per_item" in result and "correct" in result["per_item"]:
                 found[f"{task} {protocol} acc"] = (result["per_item"]["correct"], None, False)
+                if protocol == "loglik":
+                    pooled += result["per_item"]["correct"]
+    # Every log-likelihood item at once (micro accuracy): one test over all tasks' items,
+    # still whole-number outcomes, so the sign-flip test stays exact.
+    if sum(1 for name in found if name.endswith(" loglik acc")) > 1:
+        found[POOLED] = (pooled, None, False)
     return found
 
 
