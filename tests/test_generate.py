@@ -6,7 +6,7 @@ import torch
 from sketchtune.api import load_any
 from sketchtune.generate import decode_options, generate_text
 from sketchtune.kernels import cpu
-from sketchtune.serving import Bf16Head, bf16_embeddings
+from sketchtune.serving import Bf16Head, bf16_embeddings, decode_threads
 
 
 def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
@@ -17,7 +17,9 @@ def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # count only this test's graphs
     runs = []
+    governor = decode_threads(model)
     for compile in (False, True):
+        steps = {kind: choice.steps for kind, choice in governor.kinds.items()}
         with torch.no_grad():
             runs.append(model.generate(
                 **inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -34,6 +36,9 @@ def test_compiled_decode_matches_eager_greedy_decode(sketched_tiny_dir):
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generate_text(model, tokenizer, "hi", max_new_tokens=40, compile=True)  # another length
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+    # a generate that may compile keeps the caller's thread count: the governor timed nothing
+    # (a count it changed would fail the compiled step's guard and compile it again)
+    assert {kind: choice.steps for kind, choice in governor.kinds.items()} == steps
 
 
 def test_bf16_embeddings_keep_fp32_activations_and_close_logits(sketched_tiny_dir):

@@ -50,6 +50,9 @@ def test_task_sketches_swap_on_one_base_and_reload(tmp_path):
     task_b_logits = logits(model)
 
     apply_task_sketch(model, base)
+    # the base's fp32-widened tables are exact in bf16: back into its own bf16 storage
+    assert {p.dtype for n, p in model.named_parameters() if n.endswith(".values")} == {
+        torch.bfloat16}
     assert torch.equal(logits(model), base_logits)
     apply_task_sketch(model, load_task_sketch(tmp_path / "a"))
     a_logits = logits(model)
@@ -60,10 +63,10 @@ def test_task_sketches_swap_on_one_base_and_reload(tmp_path):
 
 def test_task_sketch_on_a_base_with_bf16_tables_keeps_its_fp32_values(tmp_path):
     base_dir = sketched_base(tmp_path)
-    trained = load(base_dir)
+    trained = load(base_dir, values_dtype=torch.float32)
     nudge(trained, 1e-3)  # below bf16 resolution for most entries
     save_task_sketch(extract_task_sketch(trained), tmp_path / "t")
-    model = load(base_dir, task_sketch=tmp_path / "t", values_dtype=None)
+    model = load(base_dir, task_sketch=tmp_path / "t", values_dtype=None)  # bf16 tables
     for name, param in model.named_parameters():
         if name.endswith(".values"):
             assert param.dtype == torch.float32

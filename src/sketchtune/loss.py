@@ -141,7 +141,9 @@ def _hidden_states(model: nn.Module, decoder: nn.Module, inputs: dict[str, torch
 def _head_is_linear(kept: torch.Tensor, last: torch.Tensor, head: nn.Linear) -> bool:
     """Whether the logits the model kept for the last position are `head(last)`, checked on the
     first CHECK_VOCAB entries (a soft-cap or scale changes all of them; the whole head would
-    cost a cast of its weight under autocast). Tolerance: two roundings in the logits' dtype."""
+    cost a cast of its weight under autocast). Tolerance: two roundings in the logits' dtype.
+    Non-finite logits (a diverged step) compare equal where both are NaN, so the loss comes out
+    non-finite for the trainer to stop on, and the head is not marked as transformed."""
     n = min(CHECK_VOCAB, head.out_features)
     with torch.no_grad():
         bias = None if head.bias is None else head.bias[:n].to(last.dtype)
@@ -150,7 +152,8 @@ def _head_is_linear(kept: torch.Tensor, last: torch.Tensor, head: nn.Linear) -> 
     if kept.shape != ours.shape:
         return False
     tol = max(1e-5, 2 * torch.finfo(kept.dtype).eps)
-    return torch.allclose(kept.float(), ours.float(), rtol=tol, atol=tol * kept.abs().max().item())
+    scale = kept.float().abs().nan_to_num(nan=0.0, posinf=0.0).max().item()
+    return torch.allclose(kept.float(), ours.float(), rtol=tol, atol=tol * scale, equal_nan=True)
 
 
 def _plain_loss(model, inputs, num_items_in_batch) -> torch.Tensor:

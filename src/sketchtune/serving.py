@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from .kernels import bf16_linear
 
@@ -123,25 +123,32 @@ class DecodeThreads:
         self.kinds = {"prefill": ThreadChoice(), "decode": ThreadChoice()}
         self._running: tuple[str, int, int, int, float] | None = None  # the step under way
         self._generate_caller: int | None = None  # the caller's count while generate runs
+        self._paused = False  # within a generate that may compile: counts are left alone
 
     @contextlib.contextmanager
-    def generating(self) -> Iterator[None]:
+    def generating(self, govern: bool = True) -> Iterator[None]:
+        """Within a `generate` call; `govern=False` (a generate that may compile its decode step)
+        keeps the caller's count throughout: a compiled step guards on the thread count, and a
+        count changed between steps would compile it again."""
         caller = torch.get_num_threads()
-        self._generate_caller = caller
+        self._generate_caller, self._paused = caller, not govern
         try:
             yield
         finally:
             self._finish(time.perf_counter())
-            self._generate_caller = None
+            self._generate_caller, self._paused = None, False
             torch.set_num_threads(caller)
 
     def before(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # is_compiling first: dynamo folds it, so a traced hook reads (and guards on) no state
+        if torch.compiler.is_compiling() or self._paused:
+            return
         now = time.perf_counter()
         self._finish(now)  # the previous step ends where this one starts
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
             return
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
             return
         kind = "decode" if ids.shape[1] == 1 else "prefill"
         caller = self._generate_caller or torch.get_num_threads()
@@ -150,6 +157,8 @@ class DecodeThreads:
         self._running = (kind, caller, used, ids.numel(), now)
 
     def after(self, _module: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         if self._generate_caller is None and self._running is not None:
             caller = self._running[1]
             self._finish(time.perf_counter())
@@ -180,10 +189,21 @@ class _Served:
         from . import fast_decode
 
         governor = getattr(self, "_decode_threads", None)
-        with governor.generating() if governor is not None else contextlib.nullcontext():
+        govern = not _may_compile(self, kwargs)
+        with governor.generating(govern) if governor is not None else contextlib.nullcontext():
             if not _FAST_DECODE.get() or not fast_decode.eligible(self, args, kwargs):
                 return super().generate(*args, **kwargs)
             return fast_decode.generate(self, args, kwargs, governor)
+
+
+def _may_compile(model: PreTrainedModel, kwargs: dict[str, Any]) -> bool:
+    """Whether transformers may compile this generate's decode step: it compiles only with a
+    static-shaped cache, asked for by name or passed in."""
+    config = kwargs.get("generation_config") or model.generation_config
+    implementation = kwargs.get("cache_implementation", config.cache_implementation)
+    cache = kwargs.get("past_key_values")
+    passed = getattr(cache, "is_compileable", False) and not isinstance(cache, DynamicCache)
+    return implementation not in (None, "dynamic") or passed
 
 
 _SERVED_CLASSES: dict[type, type] = {}

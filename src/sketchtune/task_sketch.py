@@ -75,15 +75,26 @@ def check_fits(model: nn.Module, sketch: TaskSketch) -> None:
 
 
 def apply_task_sketch(model: nn.Module, sketch: TaskSketch) -> None:
-    """Copy a task sketch's tables into `model`; refuses a sketch made for another base."""
+    """Copy a task sketch's tables into `model`; refuses a sketch made for another base.
+
+    Each layer keeps its tables in the narrower of its own dtype and the sketch's that holds the
+    sketch's values exactly: fp32 tables that bf16 represents go into a bf16 base's own storage
+    (same bytes, same kernel as before), others are taken unrounded, and a base's own bf16
+    tables put back after a task restore its storage as loaded."""
     check_fits(model, sketch)
     with torch.no_grad():
         for name, layer in sketched_layers(model).items():
-            new = sketch.values[name]
-            if new.dtype == layer.values.dtype:
-                layer.values.copy_(new)
-            else:  # e.g. a base loaded with its bf16 tables: take the fp32 tables unrounded
-                layer.values.data = new.to(layer.values.device)
+            new, held = sketch.values[name], layer.values
+            if held.element_size() < new.element_size() and _exact_in(new, held.dtype):
+                new = new.to(held.dtype)
+            if new.dtype == held.dtype:
+                held.copy_(new)
+            else:
+                held.data = new.to(held.device)
+
+
+def _exact_in(tables: torch.Tensor, dtype: torch.dtype) -> bool:
+    return torch.equal(tables.to(dtype).to(tables.dtype), tables)
 
 
 def attach_task_sketch_switching(model: nn.Module) -> None:
