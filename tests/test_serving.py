@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-from sketchtune.serving import Bf16Head, ThreadChoice, serving_disabled
+from sketchtune.serving import Bf16Head, ThreadChoice, _may_compile, serving_disabled
+from tests.conftest import tiny_model
 
 
 @contextlib.contextmanager
@@ -135,3 +136,14 @@ def test_bf16_head_trains_under_autocast_without_widening_its_weight(monkeypatch
     assert x.grad is not None and torch.isfinite(x.grad).all()
     head(x.detach().requires_grad_())  # without autocast: the fp32 math, weight widened
     assert widened
+
+
+def test_only_generate_calls_with_a_static_cache_count_as_compilable():
+    model = tiny_model()
+    assert not _may_compile(model, {})
+    for name in ("dynamic", "offloaded", "quantized"):
+        assert not _may_compile(model, {"cache_implementation": name})
+    assert _may_compile(model, {"cache_implementation": "static"})
+    assert not _may_compile(model, {"past_key_values": DynamicCache(config=model.config)})
+    static = StaticCache(config=model.config, max_cache_len=16)
+    assert _may_compile(model, {"past_key_values": static})

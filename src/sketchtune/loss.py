@@ -152,8 +152,9 @@ def _head_is_linear(kept: torch.Tensor, last: torch.Tensor, head: nn.Linear) -> 
     if kept.shape != ours.shape:
         return False
     tol = max(1e-5, 2 * torch.finfo(kept.dtype).eps)
-    scale = kept.float().abs().nan_to_num(nan=0.0, posinf=0.0).max().item()
-    return torch.allclose(kept.float(), ours.float(), rtol=tol, atol=tol * scale, equal_nan=True)
+    kept, ours = kept.float(), ours.float()
+    scale = kept.abs().nan_to_num(nan=0.0, posinf=0.0).max().item()
+    return torch.allclose(kept, ours, rtol=tol, atol=tol * scale, equal_nan=True)
 
 
 def _plain_loss(model, inputs, num_items_in_batch) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 from .kernels import bf16_linear
 
@@ -203,7 +204,7 @@ def _may_compile(model: PreTrainedModel, kwargs: dict[str, Any]) -> bool:
     implementation = kwargs.get("cache_implementation", config.cache_implementation)
     cache = kwargs.get("past_key_values")
     passed = getattr(cache, "is_compileable", False) and not isinstance(cache, DynamicCache)
-    return implementation not in (None, "dynamic") or passed
+    return implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS or passed
 
 
 _SERVED_CLASSES: dict[type, type] = {}
