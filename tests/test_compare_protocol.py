@@ -8,7 +8,7 @@ import pytest
 from sketchtune.cli import main
 from sketchtune.compare import CompareConfig, _same_run
 from sketchtune.compare_methods import _base_name, sketch_calibration, split_training
-from sketchtune.evaluate.stats import sign_flip_p
+from sketchtune.evaluate.stats import sign_flip_p, welch_p
 from sketchtune.protocols import PRESETS, preset_config
 from sketchtune.report import _plotted, table_rows
 from sketchtune.significance import POOLED, comparisons, summary
@@ -36,8 +36,22 @@ def test_seeds_pool_per_item_before_the_paired_test():
     assert acc["difference"] == pytest.approx((1 + 0.5 + 0) / 3 - 2 / 3)
     assert acc["p"] == pytest.approx(sign_flip_p([1, -0.5, -1]))  # exact: whole numbers x2
     assert {c["verdict"] for c in found.values()} == {"within noise"}  # 3 items prove nothing
+    assert nll["seed_p"] is None and nll["seed_verdict"] is None  # lora ran one seed
     means = summary(rows[:2])["held-out NLL"]
     assert means["mean"] == pytest.approx((6 / 6 + 6.2 / 6) / 2) and means["seeds"] == 2
+
+
+def test_seed_level_test_sees_a_gap_that_one_lucky_seed_makes():
+    # Per item, sketch is below lora on every one of 40 items (the item test: "better"), but
+    # only because lora's first seed is bad; its other two seeds are below sketch's.
+    sketch = [fake_row("sketch", s, [1.0 + 0.01 * s] * 40, [1] * 40) for s in range(3)]
+    lora = [fake_row("lora", 0, [2.0] * 40, [1] * 40)] + [
+        fake_row("lora", s, [0.9 + 0.01 * s] * 40, [1] * 40) for s in (1, 2)]
+    nll = {c["metric"]: c for c in comparisons(sketch + lora)}["held-out NLL"]
+    assert nll["verdict"] == "better" and nll["p"] < 1e-3
+    per_seed = ([(1.0 + 0.01 * s) / 2 for s in range(3)], [1.0, 0.91 / 2, 0.92 / 2])
+    assert nll["seed_p"] == pytest.approx(welch_p(*per_seed))
+    assert nll["seed_verdict"] == "within noise"
 
 
 def test_pooled_accuracy_counts_every_loglik_item_of_every_task_once():

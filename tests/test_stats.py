@@ -1,11 +1,11 @@
-"""The paired sign-flip test against brute-force enumeration and scipy."""
+"""The paired sign-flip test and Welch's t-test against brute-force enumeration and scipy."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from sketchtune.evaluate.stats import sign_flip_p, verdict
+from sketchtune.evaluate.stats import sign_flip_p, verdict, welch_p
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -59,3 +59,21 @@ def test_verdict_words():
     assert verdict(-0.1, 0.01, lower_is_better=False) == "worse"
     assert verdict(0.2, 0.2, lower_is_better=True) == "within noise"
     assert verdict(0.2, 0.049, lower_is_better=True) == "worse"
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (3, 3), (3, 5), (10, 4), (60, 50)])
+def test_welch_matches_scipy_over_sizes_spreads_and_gaps(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    for _ in range(50):
+        a = rng.normal(0.0, rng.uniform(0.1, 3.0), sizes[0])
+        b = rng.normal(rng.uniform(-3.0, 3.0), rng.uniform(0.1, 3.0), sizes[1])
+        expected = scipy_stats.ttest_ind(a, b, equal_var=False).pvalue
+        assert welch_p(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_welch_edge_cases():
+    assert welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0
+    assert welch_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two values"):
+        welch_p([1.0], [1.0, 2.0])

@@ -95,10 +95,15 @@ def test_lines(results: dict) -> list[str]:
         return []
     intro = (f"SketchTune against each method: paired sign-flip test over the test items "
              f"(each item's outcome averaged over its method's seeds), two-sided, alpha {ALPHA}; "
-             "better / worse / within noise say how the first method fares.")
-    header = ["method", "against", "metric", "first", "second", "difference", "p", "verdict"]
+             "better / worse / within noise say how the first method fares. Beside it, where "
+             "both methods ran two seeds or more, Welch's t-test over their per-seed values: "
+             "whether the gap stands out from seed-to-seed spread.")
+    header = ["method", "against", "metric", "first", "second", "difference", "p", "verdict",
+              "seed p (Welch)", "seed verdict"]
     rows = [[c["a"], c["b"], c["metric"], f"{c['a_value']:.4f}", f"{c['b_value']:.4f}",
-             f"{c['difference']:+.4f}", f"{c['p']:.3g}", c["verdict"]] for c in found]
+             f"{c['difference']:+.4f}", f"{c['p']:.3g}", c["verdict"],
+             "-" if c["seed_p"] is None else f"{c['seed_p']:.3g}",
+             c["seed_verdict"] or "-"] for c in found]
     return ["", intro, "", *_markdown(header, rows)]
 
 

@@ -5,6 +5,9 @@ A comparison row of `compare` holds, for one method and seed, every test item's 
 averaged over the method's seeds; two methods are then compared item by item with the paired
 sign-flip test (`evaluate.stats.sign_flip_p`), which needs no distributional assumption, counts
 each item once however many seeds ran, and for 0/1 outcomes of one seed is the exact McNemar test.
+Averaging over seeds hides how much a method's result moves from seed to seed, so beside it runs
+Welch's t-test over the methods' per-seed values (where both have two seeds or more): a gap the
+item test finds can still be one seed's luck, which the seed test then reports as within noise.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import statistics
 from collections.abc import Iterable
 
-from .evaluate.stats import ALPHA, sign_flip_p, verdict
+from .evaluate.stats import ALPHA, sign_flip_p, verdict, welch_p
 
 
 def by_method(rows: Iterable[dict]) -> dict[str, list[dict]]:
@@ -81,6 +84,9 @@ def paired(a_rows: list[dict], b_rows: list[dict], metric: str, alpha: float = A
     denominator = len(a) * len(b) * (sum(weights) if weights else n)
     difference = sum(diffs) / denominator
     p = sign_flip_p(diffs)
+    per_seed_a = [metric_value(o, w) for o, w, _ in a]
+    per_seed_b = [metric_value(o, w) for o, w, _ in b]
+    seed_p = welch_p(per_seed_a, per_seed_b) if min(len(a), len(b)) > 1 else None
     return {
         "metric": metric,
         "a_value": metric_value([statistics.fmean(o[i] for o, _, _ in a) for i in range(n)],
@@ -92,6 +98,9 @@ def paired(a_rows: list[dict], b_rows: list[dict], metric: str, alpha: float = A
         "verdict": verdict(difference, p, lower_is_better, alpha),
         "items": n,
         "seeds": [len(a), len(b)],
+        "seed_p": seed_p,  # Welch's t over the per-seed values; None below two seeds a side
+        "seed_verdict": None if seed_p is None
+        else verdict(difference, seed_p, lower_is_better, alpha),
     }
 
 

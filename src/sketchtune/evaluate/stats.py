@@ -1,4 +1,5 @@
-"""Confidence intervals for accuracies, and the paired test that compares two methods."""
+"""Confidence intervals for accuracies, and the tests that compare two methods: paired over
+items, and Welch's over seeds."""
 
 from __future__ import annotations
 
@@ -66,6 +67,49 @@ def _exact_integer(magnitudes: np.ndarray, observed: int) -> float:
         probs = 0.5 * (np.roll(probs, m) + np.roll(probs, -m))  # never wraps: |sum| <= total
     sums = np.arange(-total, total + 1)
     return float(min(1.0, probs[np.abs(sums) >= observed].sum()))
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test that two samples (here: one metric's per-seed values
+    of two methods) share a mean, their variances not assumed equal. The Welch-Satterthwaite
+    degrees of freedom are fractional; the t tail comes from the incomplete beta function.
+    Needs two values a side; with no spread at all it is 1 for equal means, else 0."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Welch's test needs at least two values per sample")
+    var_a, var_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    gap = float(np.mean(a) - np.mean(b))
+    if var_a + var_b == 0:
+        return 1.0 if gap == 0 else 0.0
+    t = gap / math.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    return _incomplete_beta(df / 2, 0.5, df / (df + t * t))  # P(|T_df| >= |t|)
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction
+    (modified Lentz), on the side of the symmetry I_x(a, b) = 1 - I_(1-x)(b, a) where it
+    converges fast."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _incomplete_beta(b, a, 1 - x)
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
 
 
 def verdict(difference: float, p: float, lower_is_better: bool, alpha: float = ALPHA) -> str:
