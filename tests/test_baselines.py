@@ -26,6 +26,24 @@ def test_nf4_round_trip_is_close():
     )
 
 
+@pytest.mark.parametrize("shape", [(1, 64), (3, 128), (16, 192), (7, 576), (64, 1536)])
+def test_nf4_byte_table_dequant_is_bit_identical_to_unpacked_lookup(shape):
+    from sketchtune.baselines import NF_BLOCK, NF_LEVELS
+    from sketchtune.format import unpack_codes
+
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+    packed, scales = quantize_nf4(w)
+    reference = NF_LEVELS[unpack_codes(packed, 4, shape[1]).long()]
+    reference = (reference.reshape(shape[0], -1, NF_BLOCK) * scales[..., None]).reshape(shape)
+    assert torch.equal(dequantize_nf4(packed, scales, shape[1]), reference)
+
+
+def test_nf4_dequant_rejects_a_width_its_codes_do_not_hold():
+    packed, scales = quantize_nf4(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="do not hold 192"):
+        dequantize_nf4(packed, scales, 192)
+
+
 def test_nf4_lora_starts_at_the_quantized_base_and_trains_only_lora():
     linear = nn.Linear(64, 8)
     layer = NF4LoraLinear(linear, rank=4)

@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compression import find_decoder_blocks
-from .format import pack_codes, unpack_codes
+from .format import pack_codes
 
 NF_BLOCK = 64
 # (16,) levels in [-1, 1]: normal quantiles at (i + 0.5) / 16, scaled to unit absmax.
 NF_LEVELS = torch.special.ndtri((torch.arange(16, dtype=torch.float64) + 0.5) / 16)
 NF_LEVELS = (NF_LEVELS / NF_LEVELS.abs().max()).float()
+# (256, 2): the two levels one packed byte holds, low nibble first as format.pack_codes packs.
+_BYTES = torch.arange(256)
+NF_BYTE_LEVELS = torch.stack([NF_LEVELS[_BYTES & 15], NF_LEVELS[_BYTES >> 4]], -1)
 
 
 def projection_names(model: nn.Module) -> list[str]:
@@ -79,9 +82,14 @@ def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_nf4(packed: torch.Tensor, scales: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Packed codes and scales -> (d_out, d_in) weight, one lookup per byte: bit-identical to
+    NF_LEVELS[unpack_codes(...)] * scale, about 4x faster on CPU, which every forward pays."""
     d_out = packed.shape[0]
-    levels = NF_LEVELS.to(scales.device)[unpack_codes(packed, 4, d_in).long()]
-    return (levels.reshape(d_out, -1, NF_BLOCK) * scales[..., None]).reshape(d_out, d_in)
+    if packed.shape[1] * 2 != d_in:
+        raise ValueError(f"packed codes of shape {tuple(packed.shape)} do not hold {d_in} per row")
+    table = NF_BYTE_LEVELS.to(scales.device)
+    levels = table.index_select(0, packed.reshape(-1).int()).reshape(d_out, -1, NF_BLOCK)
+    return levels.mul_(scales[..., None]).reshape(d_out, d_in)
 
 
 LORA_SCALING = 2.0  # alpha = 2 · rank
