@@ -1,8 +1,8 @@
 """The QLoRA-style baseline's per-forward cost: dequantizing its NF4 base, on SmolLM2-135M's
-layer shapes, by one byte-table lookup (what `baselines.dequantize_nf4` does) against the
-unpacked per-code lookup it replaced, and both against the layer's own matmul on an evaluation
-batch (4 x 128 tokens). The calls take turns in every round; the ratios hold better than the
-times on a shared machine. Writes benchmarks/results/nf4_dequant.json.
+layer shapes, by one byte-table lookup (`baselines.dequantize_nf4`) against the unpacked
+per-code lookup it replaced (`dequantize_nf4_reference`), and both against the layer's own
+matmul on an evaluation batch (4 x 128 tokens). The calls take turns in every round; the ratios
+hold better than the times on a shared machine. Writes benchmarks/results/nf4_dequant.json.
 
     .venv/bin/python benchmarks/nf4_dequant.py [--repeats 5]
 """
@@ -18,16 +18,9 @@ from kernels_cpu import SMOLLM2_SHAPES, median_times
 from machine import machine_line
 
 from sketchtune.atomic import write_json_atomic
-from sketchtune.baselines import NF_BLOCK, NF_LEVELS, dequantize_nf4, quantize_nf4
-from sketchtune.format import unpack_codes
+from sketchtune.baselines import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
 OUTPUT = Path(__file__).parent / "results" / "nf4_dequant.json"
-
-
-def unpacked_lookup(packed: torch.Tensor, scales: torch.Tensor, d_in: int) -> torch.Tensor:
-    """The reference: unpack every code, then index the 16 levels with it."""
-    levels = NF_LEVELS[unpack_codes(packed, 4, d_in).long()]
-    return (levels.reshape(packed.shape[0], -1, NF_BLOCK) * scales[..., None]).reshape(-1, d_in)
 
 
 def measure(d_out: int, d_in: int, repeats: int) -> dict:
@@ -36,7 +29,7 @@ def measure(d_out: int, d_in: int, repeats: int) -> dict:
     x = torch.randn(4 * 128, d_in)
     times = median_times({
         "byte_table": lambda: dequantize_nf4(packed, scales, d_in),
-        "unpacked": lambda: unpacked_lookup(packed, scales, d_in),
+        "unpacked": lambda: dequantize_nf4_reference(packed, scales, d_in),
         "matmul": lambda: F.linear(x, weight),
     }, repeats)
     written = d_out * d_in * 4  # bytes of the fp32 weight each dequant produces
