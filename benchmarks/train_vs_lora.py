@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from machine import machine_line
 
+from sketchtune.cliargs import positive_int
+
 MODEL = "smollm2-135m"
 BATCH, SEQ = 8, 128
 
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--sketch", default="runs/smol-g4", help="sketched SmolLM2 folder (gpr 4)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="turns of the three methods")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="turns of the three methods")
     parser.add_argument("--worker", choices=("sketch", "lora", "qlora"))
     parser.add_argument("--output", default="benchmarks/results/train_vs_lora.json")
     args = parser.parse_args()
@@ -141,7 +143,8 @@ def main() -> None:
     if not (Path(args.sketch) / "config.json").is_file():
         sys.exit(f"no sketched model at {args.sketch}: run `sketchtune compress smollm2-135m "
                  f"-o {args.sketch} --gpr 4` first")
-    print(machine_line())
+    machine = machine_line()  # before the runs: the load they start under
+    print(machine)
     rounds: dict[str, list[dict]] = {m: [] for m in ("sketch", "lora", "qlora")}
     for _ in range(args.rounds):
         for method, runs in rounds.items():
@@ -171,7 +174,7 @@ def main() -> None:
         print(f"{name:28s} {value:.3f}")
     from sketchtune.atomic import write_json_atomic
 
-    write_json_atomic(args.output, {"settings": vars(args), "machine": machine_line(),
+    write_json_atomic(args.output, {"settings": vars(args), "machine": machine,
                                     "results": results, "ratios": ratios})
 
 
